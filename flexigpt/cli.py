@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # keep stderr for errors; --verbose shows progress
+        hf_logging.set_verbosity_error()
     try:
         result = args._module.run(args)
     except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as err:

@@ -1,0 +1,51 @@
+"""The CLI contract: subcommand names, --json as the last stdout line, exit 2 on bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flexigpt.cli import COMMANDS, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_reserved_commands():
+    assert COMMANDS[:6] == ("info", "analyze", "plan", "build", "eval", "chat")
+
+
+def test_info_json_on_tiny_folder(tiny_model, tiny_tokenizer, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    assert main(["info", "--model", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("architecture", "num_blocks", "hidden_size", "num_parameters", "tied_embeddings", "chat_template"):
+        assert key in out
+    assert out["num_blocks"] == 6 and out["architecture"] == "LlamaForCausalLM"
+
+
+def test_bad_model_exit_2_without_traceback(capsys):
+    assert main(["info", "--model", "./missing-model-folder", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model folder './missing-model-folder' does not exist")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_for_every_command():
+    for name in ("info",):
+        proc = subprocess.run([sys.executable, "-m", "flexigpt", name, "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0 and "--json" in proc.stdout
+
+
+@pytest.mark.slow
+def test_info_default_subprocess_offline():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "flexigpt", "info", "--model", "default", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["num_blocks"] == 30 and out["num_parameters"] == 134_515_008
