@@ -50,6 +50,9 @@ class ArchSpec:
     norms: tuple[str, ...]
     attention: str
     final_norm: str
+    # How each matrix moves when MLP neurons or attention heads of a block are permuted
+    # (a function-preserving relabelling): (matrix, "rows" | "cols", "mlp" | "q" | "kv").
+    permutable: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def matrix_names(self) -> tuple[str, ...]:
@@ -82,6 +85,10 @@ LLAMA = ArchSpec(
     norms=("input_layernorm", "post_attention_layernorm"),
     attention="self_attn",
     final_norm="model.norm",
+    permutable=(
+        ("q_proj", "rows", "q"), ("k_proj", "rows", "kv"), ("v_proj", "rows", "kv"), ("o_proj", "cols", "q"),
+        ("gate_proj", "rows", "mlp"), ("up_proj", "rows", "mlp"), ("down_proj", "cols", "mlp"),
+    ),
 )
 
 OPT = ArchSpec(
@@ -93,6 +100,10 @@ OPT = ArchSpec(
     norms=("self_attn_layer_norm", "final_layer_norm"),
     attention="self_attn",
     final_norm="model.decoder.final_layer_norm",
+    permutable=(
+        ("q_proj", "rows", "q"), ("k_proj", "rows", "kv"), ("v_proj", "rows", "kv"), ("out_proj", "cols", "q"),
+        ("fc1", "rows", "mlp"), ("fc2", "cols", "mlp"),
+    ),
 )
 
 SUPPORTED: tuple[ArchSpec, ...] = (LLAMA, OPT)
