@@ -3,6 +3,8 @@
 Data references:
     ``default``               CPython's ``pydoc_data.topics`` (English prose about Python, PSF licence),
                               always present, about 113k SmolLM2 tokens.
+    ``shakespeare``           *The Tempest* and *Romeo and Juliet* (public domain), shipped with the
+                              package: a second, differently-styled offline text for cross-domain checks.
     a ``.txt`` file           plain UTF-8 text.
     a ``.jsonl`` file         one JSON object per line; its ``text`` field (or the first string field).
     ``hf:NAME[:CONFIG]:SPLIT``  a Hugging Face dataset through ``datasets`` (online or cached), ``text`` column.
@@ -27,7 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HELDOUT_FRACTION", "MAX_TEXT_BYTES", "Windows", "load_text", "token_windows", "tokenize_text"]
+__all__ = ["EMBEDDED", "HELDOUT_FRACTION", "MAX_TEXT_BYTES", "Windows", "load_text", "token_windows", "tokenize_text"]
 
 HELDOUT_FRACTION = 0.10
 MAX_TEXT_BYTES = 200 * 1024 * 1024
@@ -67,6 +69,13 @@ def _default_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+def _shakespeare_text() -> str:
+    return (Path(__file__).resolve().parent / "corpora" / "shakespeare.txt").read_text(encoding="utf-8")
+
+
+EMBEDDED = {"default": _default_text, "shakespeare": _shakespeare_text}
 
 
 def _read_jsonl(path: Path) -> str:
@@ -125,14 +134,16 @@ def load_text(ref: str) -> str:
     """
     if not isinstance(ref, str) or not ref.strip():
         raise ValueError(f"data reference must be a non-empty string, got {ref!r}")
-    if ref == "default":
-        return _default_text()
+    if ref in EMBEDDED:
+        return EMBEDDED[ref]()
     if ref.startswith("hf:"):
         text = _read_hf(ref)
     else:
         path = Path(ref).expanduser()
         if not path.is_file():
-            raise ValueError(f"data file {ref!r} does not exist (valid: 'default', a .txt/.jsonl file, hf:NAME:SPLIT)")
+            raise ValueError(
+                f"data file {ref!r} does not exist (valid: {', '.join(EMBEDDED)}, a .txt/.jsonl file, hf:NAME:SPLIT)"
+            )
         if path.suffix.lower() not in (".txt", ".jsonl", ".md", ".text"):
             raise ValueError(f"data file {ref!r} has suffix {path.suffix!r}; expected .txt or .jsonl")
         size = path.stat().st_size

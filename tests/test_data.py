@@ -85,3 +85,9 @@ def test_hf_dataset_offline_fails_clearly(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ValueError, match=r"data 'hf:nobody/nothing:train' could not be loaded"):
         load_text("hf:nobody/nothing:train")
+
+
+def test_second_embedded_corpus_differs_in_style():
+    text = load_text("shakespeare")
+    assert "ROMEO" in text and "PROSPERO" in text and len(text) > 200_000
+    assert "def " not in text
