@@ -1,0 +1,222 @@
+"""Recovery at scale: the same ``recover()`` loop data-parallel under ``accelerate launch``.
+
+Every process loads the model, builds the same trainable set, and draws the same seeded window
+order; each takes its own slice of every global micro-batch (global batch = ``batch_size`` x
+``grad_accum`` x processes) and DDP all-reduces the gradients, so all processes hold identical
+trainable tensors after every step. Only the main process writes checkpoints and outputs.
+Mixed precision is bf16 on GPUs that support it (fp16 on older ones), fp32 on CPU; trainable
+tensors stay fp32 either way.
+
+Usage::
+
+    # two CPU processes (gloo), e.g. to test. accelerate's own --cpu flag starts a single
+    # process unless mpirun is set up, so ask for torchrun-style workers and force the CPU:
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m flexigpt.accelerate_recover \\
+        --model default --data default --out runs/r1 --steps 200 --lora-rank 8
+    # a FlexiGPT plan (slot adapters + output norms trainable), distilled from the original
+    accelerate launch --num_processes 4 -m flexigpt.accelerate_recover \\
+        --model default --plan plan.json --objective distill --out runs/r2
+
+Outputs in ``--out``: ``trainable.safetensors`` (load with ``flexigpt.recover.load_trainable``
+into a model built the same way), ``recover-log.jsonl`` (one ``StepLog`` per line),
+``recover.json`` (settings, final loss, one digest of the trainable tensors per process), the
+checkpoint under ``checkpoint/`` (``--resume`` continues from it) and, with ``--plan``, a compact
+export under ``model/`` that ``flexigpt.models.load_model`` reads.
+
+GPU clusters and FSDP: the base model is frozen, so plain DDP (the default of ``accelerate
+launch``) fits whenever the model fits on one GPU (a 7B model in bf16 is about 13.5 GB). If you
+need FSDP, do **not** use the usual per-decoder-layer auto-wrap (``TRANSFORMER_BASED_WRAP`` with
+``LlamaDecoderLayer``): a FlexiGPT slot shares its donor block's tensors, and per-layer units
+would put the donor and its replacement in different units, so the replacement reads a freed
+or resharded parameter. Wrap the whole decoder stack as one unit and keep original parameters,
+e.g. an ``accelerate config`` file with::
+
+    distributed_type: FSDP
+    mixed_precision: bf16
+    fsdp_config:
+      fsdp_version: 1
+      fsdp_auto_wrap_policy: NO_WRAP        # one FSDP unit over the model
+      fsdp_use_orig_params: true            # required with frozen + trainable tensors in one unit
+      fsdp_sharding_strategy: FULL_SHARD
+      fsdp_state_dict_type: FULL_STATE_DICT
+      fsdp_sync_module_states: true
+
+(or a custom wrap policy that puts every donor and all its replacement slots in one unit).
+
+Paper: FlexiGPT (Smith et al., NAACL 2025), https://arxiv.org/abs/2501.14713
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from flexigpt.recover import RecoverSpec, recover, save_trainable, trainable_state
+
+log = logging.getLogger(__name__)
+
+__all__ = ["attach_lora", "main", "trainable_digest"]
+
+
+def attach_lora(model: nn.Module, rank: int, targets: list[str], blocks: list[int] | None = None, seed: int = 0) -> nn.Module:
+    """Freeze everything, then add peft LoRA (standard init) on ``targets`` of ``blocks`` (all if None)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"--lora-rank must be a positive integer, got {rank!r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(seed)  # same adapters on every process (DDP also broadcasts rank 0's)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets),
+                     layers_to_transform=list(blocks) if blocks else None)
+    return inject_adapter_in_model(cfg, model)
+
+
+def trainable_digest(model: nn.Module) -> str:
+    """A hash of the trainable tensors' names and exact bytes (equal digests = identical tensors)."""
+    h = hashlib.sha256()
+    for name, t in sorted(trainable_state(model).items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _ints(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise ValueError(f"--lora-blocks must be comma-separated block ids, got {text!r}") from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="accelerate launch -m flexigpt.accelerate_recover", description=__doc__.split("\n")[0])
+    p.add_argument("--model", "--model-dir", dest="model", default="default", help="'default', a folder or a hub id")
+    p.add_argument("--data", default="default", help="recovery text (train split): 'default', a file, hf:NAME:SPLIT")
+    p.add_argument("--out", required=True, help="output folder (written by the main process)")
+    p.add_argument("--plan", default=None, help="a plan.json: build it with apply_plan and train what it marks")
+    p.add_argument("--kept-lora", type=int, default=None, help="with --plan: also LoRA of this rank on kept blocks")
+    p.add_argument("--lora-rank", type=int, default=8, help="without --plan: LoRA rank")
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--lora-blocks", default=None, help="without --plan: comma-separated block ids (default: all)")
+    p.add_argument("--max-windows", type=int, default=None, help="use at most this many training windows")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+    p.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the frozen weights (trainable tensors are always fp32); bfloat16 halves GPU memory")
+    p.add_argument("-v", "--verbose", action="store_true")
+    defaults = RecoverSpec()
+    for field, kind in (("steps", int), ("lr", float), ("batch_size", int), ("grad_accum", int), ("seq_len", int),
+                        ("warmup", float), ("objective", str), ("kd_temperature", float), ("kd_weight", float),
+                        ("hidden_weight", float), ("clip", float), ("weight_decay", float), ("seed", int),
+                        ("checkpoint_every", int)):
+        p.add_argument("--" + field.replace("_", "-"), type=kind, default=getattr(defaults, field))
+    return p
+
+
+def _precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    from flexigpt.data import token_windows
+    from flexigpt.models import load_model
+
+    acc = Accelerator(mixed_precision=_precision(args.mixed_precision))
+    fields = ("steps", "lr", "batch_size", "grad_accum", "seq_len", "warmup", "objective", "kd_temperature",
+              "kd_weight", "hidden_weight", "clip", "weight_decay", "seed", "checkpoint_every")
+    spec = RecoverSpec(**{f: getattr(args, f) for f in fields})
+    if args.dtype != "float32" and acc.mixed_precision == "no":
+        raise ValueError(f"--dtype {args.dtype} needs mixed precision (autocast); use --mixed-precision bf16 or fp16")
+    loaded = load_model(args.model, dtype=args.dtype)
+    base, tok = loaded.model, loaded.tokenizer
+    plan = None
+    if args.plan:
+        from flexigpt.plan import Plan
+        from flexigpt.surgery import apply_plan
+
+        plan = Plan.from_json(Path(args.plan).read_text(encoding="utf-8"))
+        model, teacher = apply_plan(base, plan), base  # the base stays intact and frozen
+        if args.kept_lora:
+            from flexigpt.adapters import attach_kept_lora
+
+            model = attach_kept_lora(model, args.kept_lora)
+    else:
+        teacher = copy.deepcopy(base) if spec.objective != "lm" else None
+        model = attach_lora(base, args.lora_rank, [t for t in args.lora_targets.split(",") if t],
+                            _ints(args.lora_blocks), seed=spec.seed)
+    if teacher is not None:
+        teacher.requires_grad_(False)
+    context = getattr(model.config, "max_position_embeddings", None)
+    windows = token_windows(tok, args.data, seq_len=spec.seq_len, split="train", max_windows=args.max_windows,
+                            max_len=context)
+    out = Path(args.out)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        logfile = (out / "recover-log.jsonl").open("a" if args.resume else "w", encoding="utf-8")
+    last = None
+    try:
+        for record in recover(model, windows, spec, teacher=teacher, checkpoint_dir=out / "checkpoint",
+                              resume=args.resume, progress=args.verbose and acc.is_main_process, accelerator=acc):
+            last = record
+            if acc.is_main_process:
+                logfile.write(json.dumps(vars(record)) + "\n")
+                logfile.flush()
+    finally:
+        if acc.is_main_process:
+            logfile.close()
+    digests = gather_object([trainable_digest(model)])
+    result = None
+    if acc.is_main_process:
+        save_trainable(model, out / "trainable.safetensors")
+        if plan is not None:
+            from flexigpt.export import save_compact
+
+            save_compact(model, plan, tok, out / "model", overwrite=True)
+        result = {
+            "model": args.model, "data": args.data, "windows": windows.num_windows, "spec": spec.to_dict(),
+            "plan": args.plan, "lora": None if plan is not None else
+            {"rank": args.lora_rank, "targets": args.lora_targets, "blocks": _ints(args.lora_blocks)},
+            "world_size": acc.num_processes, "backend": acc.state.backend, "mixed_precision": acc.mixed_precision,
+            "device": str(acc.device),
+            "final_step": last.step if last else None, "final_loss": last.loss if last else None,
+            "tokens_seen": last.tokens_seen if last else None, "elapsed_s": last.elapsed_s if last else None,
+            "trainable_parameters": sum(t.numel() for t in trainable_state(model).values()),
+            "rank_digests": digests, "ranks_identical": len(set(digests)) == 1,
+        }
+        (out / "recover.json").write_text(json.dumps(result, indent=2))
+    acc.wait_for_everyone()
+    acc.end_training()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""``chat``: one reply from a model, printed alone on stdout (greedy unless sampling options are given)."""
+from __future__ import annotations
+
+import argparse
+import time
+
+HELP = "print the model's reply to one prompt (chat template applied; greedy unless sampling options are given)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default' (embedded SmolLM2), a folder, a compact export, or a hub id")
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--system", default=None, help="an optional system message")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="cpu")
+
+
+def run(args: argparse.Namespace):
+    from flexigpt.chat import reply
+    from flexigpt.models import load_model
+
+    sampling_given = any(v is not None for v in (args.top_p, args.top_k, args.seed))
+    temperature = args.temperature if args.temperature is not None else (1.0 if sampling_given else 0.0)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}]
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    start = time.perf_counter()
+    text = reply(loaded.model, loaded.tokenizer, messages, max_new_tokens=args.max_new_tokens, temperature=temperature,
+                 top_p=args.top_p if args.top_p is not None else 1.0, top_k=args.top_k or 0,
+                 repetition_penalty=args.repetition_penalty, seed=args.seed)
+    seconds = time.perf_counter() - start
+    result = {"model": args.model, "reply": text, "greedy": temperature == 0, "temperature": temperature,
+              "seconds": round(seconds, 3), "reply_tokens": len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])}
+    return result, text

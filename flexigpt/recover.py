@@ -1,0 +1,363 @@
+"""Heal the pruned model: a short recovery loop over the parameters that ``requires_grad``.
+
+The loop trains exactly the parameters whose ``requires_grad`` is set (after
+``flexigpt.surgery.apply_plan`` these are the slot adapters and norms; every shared or frozen
+tensor stays bit-identical) with AdamW, linear warm-up and cosine decay, gradient accumulation
+and clipping. The objective is language modelling, distillation from the original model
+(logit KL at a temperature, and/or a relative MSE on the last block's hidden state, FoldGPT's
+tail distillation), or a mix. It yields one ``StepLog`` per optimizer step, can be cancelled
+between steps, and checkpoints atomically (``flexigpt.recover_state``), so an interrupted run
+resumes to the same end point. Pass an ``accelerate.Accelerator`` to run the same loop
+data-parallel (see ``flexigpt.accelerate_recover``).
+
+Paper: FlexiGPT (Smith et al., NAACL 2025), https://arxiv.org/abs/2501.14713 (sections 1.6-1.7,
+6.4 of our method notes); FoldGPT tail distillation: https://arxiv.org/abs/2407.00928
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from flexigpt.arch import get_blocks
+from flexigpt.recover_state import (CHECKPOINT_NAME, copy_into, load_checkpoint, load_trainable, save_checkpoint,
+                                    save_trainable, trainable_state)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CHECKPOINT_NAME", "RecoverSpec", "StepLog", "load_trainable", "recover", "save_trainable", "trainable_state"]
+
+# Fields that may differ between a checkpoint and the run that resumes it.
+_RESUME_FREE = ("checkpoint_every",)
+
+
+def _bad(name: str, value: Any, valid: str) -> ValueError:
+    return ValueError(f"recover.{name} must be {valid}, got {value!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class RecoverSpec:
+    """How to heal: budget, optimiser and objective. Validated at construction.
+
+    Attributes:
+        steps: optimizer steps.
+        lr: peak learning rate of AdamW (the paper uses 4e-3 for rank-256 adapters).
+        batch_size: windows per micro-batch (per process under data parallelism).
+        grad_accum: micro-batches accumulated into one optimizer step.
+        seq_len: tokens per window; longer windows are cut to it, shorter ones are an error.
+        warmup: linear warm-up, a fraction of ``steps`` when < 1, else a whole number of steps.
+        objective: ``lm`` (next-token cross-entropy), ``distill`` (``kd_weight`` * KL +
+            ``hidden_weight`` * hidden MSE against a teacher) or ``mix`` (cross-entropy plus both).
+        kd_temperature: softmax temperature of the logit KL (scaled by T^2, Hinton et al.).
+        kd_weight: weight of the logit KL term.
+        hidden_weight: weight of the tail term: MSE between the last block's outputs (before
+            the final norm), divided by the teacher's mean square so the weight is scale-free.
+        clip: max global gradient norm, or ``None`` for no clipping.
+        weight_decay: AdamW decay, applied to matrices only (never to norms or biases).
+        betas: AdamW betas.
+        seed: data order (one permutation of the windows per epoch).
+        checkpoint_every: write a checkpoint every this many steps (0: only at the end and on cancel).
+    """
+
+    steps: int = 200
+    lr: float = 5e-4
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    warmup: float = 0.03
+    objective: Literal["lm", "distill", "mix"] = "lm"
+    kd_temperature: float = 1.0
+    kd_weight: float = 1.0
+    hidden_weight: float = 0.0
+    clip: float | None = 1.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    seed: int = 0
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seq_len", 2), ("seed", 0), ("checkpoint_every", 0)):
+            v = getattr(self, name)
+            if not _is_int(v) or v < low:
+                raise _bad(name, v, f"an integer >= {low}")
+        if not _is_num(self.lr) or not 0 < self.lr <= 1:
+            raise _bad("lr", self.lr, "a number in (0, 1]")
+        w = self.warmup
+        if not _is_num(w) or w < 0 or (w >= 1 and (w != int(w) or w > self.steps)):
+            raise _bad("warmup", w, f"a fraction in [0, 1) or a whole number of steps in [1, {self.steps}]")
+        if self.objective not in ("lm", "distill", "mix"):
+            raise _bad("objective", self.objective, "one of 'lm', 'distill', 'mix'")
+        if not _is_num(self.kd_temperature) or self.kd_temperature <= 0:
+            raise _bad("kd_temperature", self.kd_temperature, "a number > 0")
+        for name in ("kd_weight", "hidden_weight", "weight_decay"):
+            v = getattr(self, name)
+            if not _is_num(v) or v < 0:
+                raise _bad(name, v, "a number >= 0")
+        if self.objective == "distill" and self.kd_weight == 0 and self.hidden_weight == 0:
+            raise _bad("kd_weight", self.kd_weight, "> 0 (or hidden_weight > 0) for objective 'distill'")
+        if self.clip is not None and (not _is_num(self.clip) or self.clip <= 0):
+            raise _bad("clip", self.clip, "a number > 0 or None")
+        b = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
+        if len(b) != 2 or not all(_is_num(x) and 0 <= x < 1 for x in b):
+            raise _bad("betas", self.betas, "two numbers in [0, 1)")
+        object.__setattr__(self, "betas", (float(b[0]), float(b[1])))
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * self.steps))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecoverSpec:
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown recover fields {unknown}; valid: {[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**{k: tuple(v) if k == "betas" else v for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class StepLog:
+    """One optimizer step. ``loss`` is the objective averaged over the step's micro-batches
+    (and processes); ``lr`` the rate used for this step; ``grad_norm`` the norm before clipping."""
+
+    step: int
+    loss: float
+    lr: float
+    tokens_seen: int
+    elapsed_s: float
+    grad_norm: float
+
+
+def _windows_tensor(windows: Any, seq_len: int) -> torch.Tensor:
+    ids = getattr(windows, "input_ids", windows)
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype != torch.long or ids.shape[0] == 0:
+        raise ValueError(f"windows must be a non-empty (N, T) int64 tensor or flexigpt.data.Windows, got {type(ids).__name__}")
+    if ids.shape[1] < seq_len:
+        raise ValueError(f"windows have {ids.shape[1]} tokens, fewer than recover.seq_len={seq_len}")
+    return ids[:, :seq_len]
+
+
+def _digest(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def _indices(seed: int, n: int, start: int, count: int, perms: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Window ids at positions start..start+count-1 of the seeded, epoch-wise shuffled stream."""
+    out = []
+    for pos in range(start, start + count):
+        epoch = pos // n
+        if epoch not in perms:
+            perms.clear()  # keep only the current epoch's permutation
+            perms[epoch] = _permutation(seed, epoch, n)
+        out.append(perms[epoch][pos % n])
+    return torch.stack(out)
+
+
+def _tail_hook(store: dict[str, torch.Tensor], key: str):
+    def hook(_module, _args, output):
+        store[key] = output[0] if isinstance(output, (tuple, list)) else output
+
+    return hook
+
+
+def _objective(model, teacher, batch, spec: RecoverSpec, tails: dict, autocast) -> torch.Tensor:
+    logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, T, V)
+    loss = logits.new_zeros(())
+    if spec.objective in ("lm", "mix"):
+        loss = loss + F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+    if spec.objective in ("distill", "mix"):
+        with torch.no_grad(), autocast():
+            t_logits = teacher(input_ids=batch, use_cache=False).logits.float()
+        if spec.kd_weight > 0:
+            temp = spec.kd_temperature
+            kl = F.kl_div(
+                F.log_softmax(logits / temp, -1).flatten(0, 1),
+                F.log_softmax(t_logits / temp, -1).flatten(0, 1),
+                log_target=True, reduction="batchmean",  # mean over tokens
+            )
+            loss = loss + spec.kd_weight * kl * temp * temp
+        if spec.hidden_weight > 0:
+            s, t = tails["student"].float(), tails["teacher"].float()  # (B, T, D)
+            loss = loss + spec.hidden_weight * F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-8)
+    return loss
+
+
+def recover(
+    model: nn.Module,
+    windows: Any,
+    spec: RecoverSpec = RecoverSpec(),
+    *,
+    teacher: nn.Module | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+    progress: bool = False,
+    accelerator: Any = None,
+) -> Iterator[StepLog]:
+    """Train the model's ``requires_grad`` parameters; yield a ``StepLog`` per optimizer step.
+
+    Args:
+        model: the model to heal, in place. Trainable parameters are upcast to fp32; a bf16/fp16
+            frozen base then needs autocast, i.e. an ``accelerator`` with mixed precision.
+        windows: ``(N, T)`` int64 token windows or ``flexigpt.data.Windows``.
+        spec: budget, optimiser and objective.
+        teacher: the original model, required for ``distill``/``mix``; never changed.
+        checkpoint_dir: where ``recover-checkpoint.pt`` goes (only the main process writes it).
+        resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
+        should_stop: polled after every step; ``True`` saves a checkpoint and ends the loop.
+        progress: show a tqdm bar.
+        accelerator: an ``accelerate.Accelerator``; each process then takes its own slice of
+            every global micro-batch, gradients are all-reduced, and autocast follows its
+            mixed-precision setting.
+
+    Raises:
+        ValueError: no trainable parameters, a missing teacher, bad windows, or a corrupt or
+            mismatched checkpoint.
+    """
+    ids = _windows_tensor(windows, spec.seq_len)
+    if spec.objective != "lm" and teacher is None:
+        raise ValueError(f"recover.objective {spec.objective!r} needs the original model as teacher=")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the model has no trainable parameters (requires_grad=True); attach adapters or unfreeze norms first")
+    acc = accelerator
+    world, rank, main = (acc.num_processes, acc.process_index, acc.is_main_process) if acc else (1, 0, True)
+    device = acc.device if acc else next(iter(params.values())).device
+    for name, p in params.items():  # fp32 master copies of what we train (method notes 6.4)
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    if acc:
+        model.to(device)
+        if teacher is not None:
+            teacher.to(device)
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.lr, betas=spec.betas,
+    )
+    from transformers import get_cosine_schedule_with_warmup
+
+    sched = get_cosine_schedule_with_warmup(opt, spec.warmup_steps, spec.steps)
+    data = _digest(ids)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start, cursor, elapsed0 = 0, 0, 0.0
+    if resume and (ckpt_dir / CHECKPOINT_NAME).is_file():
+        state = load_checkpoint(ckpt_dir / CHECKPOINT_NAME, spec.to_dict(), data, world, _RESUME_FREE)
+        copy_into(params, state["trainable"], f"recovery checkpoint {str(ckpt_dir / CHECKPOINT_NAME)!r}")
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if state.get("scaler") and acc is not None and getattr(acc, "scaler", None) is not None:
+            acc.scaler.load_state_dict(state["scaler"])  # fp16 loss scale
+        start, cursor, elapsed0 = state["step"], state["cursor"], state["elapsed_s"]
+        log.info("resuming recovery at step %d of %d", start, spec.steps)
+    elif resume:
+        log.warning("no recovery checkpoint in %s; starting from step 0", ckpt_dir)
+    train_model = model
+    if acc:
+        train_model, opt = acc.prepare(model, opt)  # the scheduler is stepped by hand, once per step
+    autocast = acc.autocast if acc else contextlib.nullcontext
+    tails: dict[str, torch.Tensor] = {}
+    hooks = []
+    if spec.objective != "lm" and spec.hidden_weight > 0:
+        hooks = [get_blocks(model)[-1].register_forward_hook(_tail_hook(tails, "student")),
+                 get_blocks(teacher)[-1].register_forward_hook(_tail_hook(tails, "teacher"))]
+    was_training = model.training
+    model.train()
+    if teacher is not None:
+        teacher.eval()
+    n, seq = ids.shape
+    per_step = spec.batch_size * spec.grad_accum * world
+    perms: dict[int, torch.Tensor] = {}
+
+    def checkpoint(step: int) -> None:
+        if ckpt_dir is None or not main:
+            return
+        save_checkpoint(ckpt_dir, {
+            "step": step, "spec": spec.to_dict(), "data": data,
+            "world_size": world, "cursor": cursor, "epoch": cursor // n,
+            "permutation": _permutation(spec.seed, cursor // n, n),
+            "trainable": {k: v.detach().cpu().clone() for k, v in params.items()},
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": torch.get_rng_state(), "elapsed_s": elapsed0 + time.perf_counter() - t0,
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "scaler": acc.scaler.state_dict() if acc is not None and getattr(acc, "scaler", None) is not None else {},
+        })
+
+    bar = tqdm(total=spec.steps, initial=start, disable=not progress, desc="Recovering")
+    t0 = time.perf_counter()
+    try:
+        for step in range(start + 1, spec.steps + 1):
+            lr = float(sched.get_last_lr()[0])
+            total = torch.zeros((), device=device)
+            for micro in range(spec.grad_accum):
+                first = cursor + (micro * world + rank) * spec.batch_size
+                batch = ids[_indices(spec.seed, n, first, spec.batch_size, perms)].to(device)
+                sync = acc.no_sync(train_model) if acc and micro < spec.grad_accum - 1 else contextlib.nullcontext()
+                with sync:
+                    loss = _objective(train_model, teacher, batch, spec, tails, autocast) / spec.grad_accum
+                    acc.backward(loss) if acc else loss.backward()
+                total += loss.detach()
+            cursor += per_step
+            max_norm = spec.clip if spec.clip is not None else float("inf")
+            clip = acc.clip_grad_norm_ if acc else torch.nn.utils.clip_grad_norm_
+            grad_norm = float(clip(list(params.values()), max_norm))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if acc:
+                total = acc.reduce(total, reduction="mean")
+            record = StepLog(step=step, loss=float(total), lr=lr, tokens_seen=step * per_step * seq,
+                             elapsed_s=elapsed0 + time.perf_counter() - t0, grad_norm=grad_norm)
+            saved = spec.checkpoint_every and step % spec.checkpoint_every == 0 or step == spec.steps
+            if saved:
+                checkpoint(step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record.loss:.4f}")
+            yield record
+            stop = bool(should_stop()) if should_stop is not None else False
+            if acc:  # every process stops at the same step
+                stop = bool(acc.reduce(torch.tensor(float(stop), device=device), reduction="sum") > 0)
+            if stop and step < spec.steps:
+                if not saved:
+                    checkpoint(step)
+                log.info("recovery stopped at step %d of %d", step, spec.steps)
+                return
+    finally:
+        bar.close()
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
