@@ -1,0 +1,125 @@
+"""``plan``: write a plan.json from an analysis (or edit an existing plan)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+HELP = "make a plan (which blocks to prune or repeat, donors, adapter rank) from an analysis.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--analysis", help="analysis.json (or the folder holding it) written by `analyze`")
+    src.add_argument("--from-plan", help="an existing plan.json to edit")
+    p.add_argument("--ratio", type=float, default=None, help="fraction of blocks to prune (or to copy for extend), 0..0.9")
+    p.add_argument("--drop", default="", help="extra blocks to prune, e.g. 3,12")
+    p.add_argument("--keep", default="", help="blocks to keep, e.g. 5")
+    p.add_argument("--donor", action="append", default=[], help="set a donor: PRUNED=DONOR, e.g. 12=11 (repeatable)")
+    p.add_argument("--method", choices=("flexigpt", "drop", "extend"), default=None)
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank of the replacement slots")
+    p.add_argument("--out-norm", choices=("layernorm", "scale"), default=None, help="output normalisation kind")
+    p.add_argument("--out-norm-scale", type=float, default=None, help="starting gamma / scale of the output norms")
+    p.add_argument("--extend-blocks", default="", help="blocks to repeat for --method extend, e.g. 10,11,12")
+    p.add_argument("--extend-mode", choices=("block", "sequential"), default="block")
+    p.add_argument("--out", required=True, help="where to write plan.json")
+
+
+def _ids(text: str, flag: str) -> list[int]:
+    out = []
+    for part in filter(None, (t.strip() for t in text.split(","))):
+        if not part.lstrip("-").isdigit():
+            raise ValueError(f"{flag} expects comma-separated block ids, got {text!r}")
+        out.append(int(part))
+    return out
+
+
+def _load_json(path: str, what: str) -> dict:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "analysis.json"
+    if not p.is_file():
+        raise ValueError(f"{what} {str(p)!r} does not exist")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {str(p)!r} is not valid JSON ({err.msg})") from err
+
+
+def _base_config(ref: str):
+    """The base model's config, read without loading weights where possible."""
+    from transformers import AutoConfig
+
+    from flexigpt import models
+
+    if ref == "default":
+        folder = models.cache_dir() / "models" / models._DEFAULT_CACHE_NAME
+        if (folder / "config.json").is_file():
+            return AutoConfig.from_pretrained(str(folder))
+        return models.load_model(ref).model.config
+    if Path(ref).expanduser().is_dir():
+        return AutoConfig.from_pretrained(str(Path(ref).expanduser()))
+    return models.load_model(ref).model.config
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from flexigpt.params import estimate_params
+    from flexigpt.plan import Plan, extend_plan, plan_from_analysis
+
+    drops, keeps, ext = _ids(args.drop, "--drop"), _ids(args.keep, "--keep"), _ids(args.extend_blocks, "--extend-blocks")
+    donors = {}
+    for item in args.donor:
+        pruned, sep, donor = item.partition("=")
+        if not sep or not pruned.strip().isdigit() or not donor.strip().isdigit():
+            raise ValueError(f"--donor expects PRUNED=DONOR with block ids, got {item!r}")
+        donors[int(pruned)] = int(donor)
+    if args.analysis:
+        analysis = _load_json(args.analysis, "analysis file")
+        method = args.method or "flexigpt"
+        if method == "extend" and ext:
+            plan = extend_plan(str(analysis.get("model")), int(analysis.get("num_blocks", 0)), ext, args.extend_mode)
+        else:
+            plan = plan_from_analysis(analysis, args.ratio if args.ratio is not None else 0.0,
+                                      method="flexigpt" if method == "drop" else method, extend_mode=args.extend_mode)
+    else:
+        plan = Plan.from_json(Path(args.from_plan).read_text()) if Path(args.from_plan).is_file() else None
+        if plan is None:
+            raise ValueError(f"plan file {args.from_plan!r} does not exist")
+        method = args.method or plan.method
+        if method == "extend" and ext:
+            plan = extend_plan(plan.base_model, plan.num_blocks, ext, args.extend_mode, adapter=plan.adapter)
+    for b in keeps:
+        plan = plan.keep(b)
+    for b in drops:
+        plan = plan.drop(b, donors.get(b))
+    for b, d in donors.items():
+        if b not in drops:
+            plan = plan.with_donor(b, d)
+    if method != plan.method:
+        plan = plan.with_method(method)
+    changes = {k: v for k, v in (("rank", args.rank), ("out_norm", args.out_norm), ("out_norm_scale", args.out_norm_scale)) if v is not None}
+    if changes:
+        plan = plan.with_adapter(**changes)
+    if args.ratio is not None:
+        plan = plan.with_notes(ratio=float(args.ratio))
+    out = Path(args.out)
+    _write_atomic(out, plan.to_json() + "\n")
+    result = {"plan": plan.to_dict(), "path": str(out), "pruned": list(plan.dropped_blocks),
+              "replaced_slots": list(plan.replaced_slots), "donors": {str(k): v for k, v in plan.donors.items()}}
+    if args.json:
+        result["params"] = estimate_params(plan, _base_config(plan.base_model)).to_dict()
+    return result
