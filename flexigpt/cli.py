@@ -86,3 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         human = None
     emit(result, args.json, human)
     return 0
+
+
+def main_entry() -> None:
+    """Console-script entry point (``flexigpt ...``)."""
+    sys.exit(main())

@@ -60,3 +60,40 @@ def test_two_process_recovery_matches_one_process(tiny_model, tiny_tokenizer, ti
     assert one[-1].loss == pytest.approx(logs[-1]["loss"], rel=1e-4)
     for name, t in trainable_state(single).items():
         torch.testing.assert_close(trainable_state(fresh)[name], t, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_cluster_recipe_build_under_accelerate_launch(tiny_model, tiny_tokenizer, tiny_text_file, tmp_path):
+    """The README recipe: `accelerate launch -m flexigpt build --plan plan.json --steps N`, 2 processes.
+
+    Two processes x batch 1 equal one process x batch 2, and the export loads.
+    """
+    if not _accelerate():
+        pytest.skip("the accelerate launcher is not installed")
+    from flexigpt.cli import main
+    from flexigpt.models import load_model
+    from flexigpt.plan import Plan
+
+    base = tmp_path / "base"
+    tiny_model.save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    (tmp_path / "plan.json").write_text(Plan(str(base), 6, (0, 1, 1, 3, 3, 5)).to_json())
+    common = ["build", "--plan", str(tmp_path / "plan.json"), "--steps", "3", "--data", str(tiny_text_file),
+              "--seq-len", "16", "--eval-windows", "2", "--lr", "0.01", "--warmup", "0", "--checkpoint-every", "0",
+              "--json"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flexigpt",
+           *common, "--batch-size", "1", "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # only the main process reports
+    two = json.loads(lines[0])
+    assert two["recovery"]["processes"] == 2
+    assert main(common + ["--batch-size", "2", "--out", str(tmp_path / "one")]) == 0
+    reloaded = load_model(two["export"])
+    single = load_model(str(tmp_path / "one"))
+    ids = torch.randint(4, 128, (1, 12))
+    torch.testing.assert_close(reloaded.model(ids).logits, single.model(ids).logits, atol=1e-4, rtol=1e-4)

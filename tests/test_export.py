@@ -172,5 +172,38 @@ def test_cli_build_errors_exit_2(tmp_path, capsys):
     assert err.startswith("error: ") and "5" in err and "Traceback" not in err
     good = Plan("x", 4, (0, 1, 2, 3))
     (tmp_path / "good.json").write_text(good.to_json())
-    assert main(["build", "--plan", str(tmp_path / "good.json"), "--out", str(tmp_path / "o"), "--steps", "5"]) == 2
-    assert "recovery is not available yet" in capsys.readouterr().err
+    assert main(["build", "--plan", str(tmp_path / "good.json"), "--out", str(tmp_path / "o"), "--steps", "-1"]) == 2
+    assert "--steps must be >= 0, got -1" in capsys.readouterr().err
+    assert main(["build", "--plan", str(tmp_path / "good.json"), "--out", str(tmp_path / "o"), "--steps", "2",
+                 "--lr", "nan"]) == 2
+    assert "lr" in capsys.readouterr().err
+    assert main(["build", "--plan", str(tmp_path / "good.json"), "--out", str(tmp_path / "o"), "--resume"]) == 2
+    assert "--resume needs --steps > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["flexigpt", "drop"])
+def test_cli_build_recovers_and_resumes(tiny_model, tiny_tokenizer, tiny_text_file, tmp_path, capsys, method):
+    from flexigpt.cli import main
+    from flexigpt.params import matched_lora_rank
+
+    base = tmp_path / "base"
+    tiny_model.save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    plan = Plan(str(base), 6, (0, 1, 1, 3, 3, 5))
+    if method == "drop":
+        plan = plan.with_method("drop")
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    common = ["build", "--plan", str(tmp_path / "plan.json"), "--data", str(tiny_text_file), "--eval-windows", "2",
+              "--seq-len", "16", "--batch-size", "2", "--lr", "0.01", "--checkpoint-every", "2", "--json"]
+    assert main(common + ["--out", str(tmp_path / "full"), "--steps", "4"]) == 0
+    full = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert full["recovery"]["steps"] == 4 and full["ppl_after"] is not None
+    assert full["ppl_after"] != full["ppl_before"]  # recovery changed the trainable tensors
+    assert full["trainable_parameters"] > 0 and full["recovery"]["final_loss"] > 0
+    if method == "drop":  # ShortGPT + LoRA at the FlexiGPT plan's trainable budget
+        assert full["recovery"]["kept_lora_rank"] == matched_lora_rank(plan, tiny_model)
+    # the checkpoint of the finished run resumes to the very same model (plumbing of --resume)
+    assert (tmp_path / "full-checkpoint").is_dir()
+    assert main(common + ["--out", str(tmp_path / "full"), "--steps", "4", "--resume"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["ppl_after"] == full["ppl_after"]
