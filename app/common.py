@@ -1,0 +1,71 @@
+"""Small shared pieces of the app: the heavy-job concurrency id, error handling, asset paths."""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+log = logging.getLogger(__name__)
+
+GPU = "gpu"  # concurrency id of every heavy listener: one model job at a time
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+CSS_PATH = ASSETS / "style.css"
+PLANS_DIR = ASSETS / "plans"
+
+
+def session_key(request: Any) -> str:
+    """The visitor's key: Gradio's ``session_hash``, or ``local`` when a handler is called directly."""
+    return str(getattr(request, "session_hash", None) or "local")
+
+
+def user_errors(fn):
+    """Turn ``ValueError`` (bad user input, raised by the library with a clear message) into ``gr.Error``.
+
+    Works for plain functions and for generator handlers. Other exceptions are real bugs:
+    they are logged and shown as a short error, never as a traceback in the page.
+    """
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except ValueError as err:
+                raise gr.Error(str(err)) from err
+            except Exception as err:
+                log.exception("handler %s failed", fn.__name__)
+                raise gr.Error(f"{type(err).__name__}: {err}") from err
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+        except Exception as err:
+            log.exception("handler %s failed", fn.__name__)
+            raise gr.Error(f"{type(err).__name__}: {err}") from err
+
+    return wrapper
+
+
+def fmt_params(n: int | float | None) -> str:
+    """``134515008`` -> ``134.5 M``."""
+    if n is None:
+        return "n/a"
+    n = float(n)
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{int(n)}"

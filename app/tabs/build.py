@@ -1,0 +1,162 @@
+"""Tab 5: build the plan (base untouched), preview its perplexity, recover with a live loss curve."""
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+
+from app import figures, tables, text
+from app.common import GPU, fmt_params, session_key, user_errors
+from app.session import REGISTRY, Build, work
+
+PREVIEW_WINDOWS = 4
+PREVIEW_SEQ_LEN = 128
+MAX_RECOVER_STEPS = 500
+
+
+def build_name(plan) -> str:
+    """A short readable name: ``flexigpt 30% r8``, ``drop 30%``, ``extend +6``."""
+    if plan.method == "extend":
+        return f"extend +{plan.num_slots - plan.num_blocks} r{plan.adapter.rank}"
+    pct = round(100 * len(plan.dropped_blocks) / plan.num_blocks)
+    return f"{plan.method} {pct}%" + (f" r{plan.adapter.rank}" if plan.method == "flexigpt" else "")
+
+
+def preview_windows(tokenizer, data_ref: str):
+    """The few held-out windows every quick perplexity in this app uses (same protocol for all)."""
+    from flexigpt.data import token_windows
+
+    return token_windows(tokenizer, (data_ref or "").strip() or "default", seq_len=PREVIEW_SEQ_LEN,
+                         split="heldout", max_windows=PREVIEW_WINDOWS)
+
+
+def quick_ppl(model, windows) -> tuple[float, dict]:
+    from flexigpt import evaluate
+
+    result = evaluate.perplexity(model, windows)
+    protocol = getattr(result, "protocol", None)
+    protocol = protocol() if callable(protocol) else protocol
+    return float(result.ppl), dict(protocol or windows.protocol())
+
+
+def base_ppl(key: str, model_ref: str, data_ref: str) -> tuple[float, dict]:
+    """The original model's preview perplexity, measured once per visit and data."""
+    w = work(key)
+    cache_key = f"{model_ref}|{data_ref}"
+    if cache_key not in w.base_ppl:
+        loaded = REGISTRY.get(model_ref)
+        w.base_ppl[cache_key] = quick_ppl(loaded.model, preview_windows(loaded.tokenizer, data_ref))
+    return w.base_ppl[cache_key]
+
+
+def _build_one(key: str, plan, data_ref: str) -> Build:
+    from flexigpt.params import measure_params
+    from flexigpt.surgery import apply_plan
+
+    loaded = REGISTRY.get(plan.base_model)
+    model = apply_plan(loaded.model, plan)
+    ppl, protocol = quick_ppl(model, preview_windows(loaded.tokenizer, data_ref))
+    b = Build(name=build_name(plan), plan=plan, model=model, tokenizer=loaded.tokenizer, ppl_before=ppl,
+              protocol=protocol, params=measure_params(model).to_dict())
+    work(key).builds[b.name] = b
+    return b
+
+
+@user_errors
+def on_build(plan, data_ref: str, also_drop: bool, token: int, request: gr.Request = None, progress=gr.Progress()):
+    """Build the plan (and the plain-drop baseline of the same blocks); returns
+    (status, build choices update, builds token)."""
+    if plan is None:
+        raise ValueError("there is no plan yet: set one in tab 4 first")
+    key = session_key(request)
+    start = time.perf_counter()
+    progress(0.05, desc="measuring the original model")
+    ppl0, protocol = base_ppl(key, plan.base_model, data_ref)
+    todo = [plan]
+    if also_drop and plan.method == "flexigpt" and plan.dropped_blocks:
+        todo.append(plan.with_method("drop"))
+    lines = [f"Original: perplexity **{ppl0:.2f}**."]
+    built = []
+    for i, p in enumerate(todo):
+        progress(0.2 + 0.7 * i / len(todo), desc=f"building {build_name(p)}")
+        b = _build_one(key, p, data_ref)
+        built.append(b.name)
+        lines.append(f"**{b.name}**: {p.num_slots} slots, {fmt_params(b.params.get('stored'))} stored parameters; "
+                     f"quick preview perplexity before recovery **{b.ppl_before:.2f}**.")
+    lines.append(f"Preview protocol: {tables.protocol_text(protocol)}. Built in {time.perf_counter() - start:.1f} s.")
+    names = list(work(key).builds)
+    return "\n\n".join(lines), gr.update(choices=names, value=built[0]), int(token or 0) + 1
+
+
+@user_errors
+def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_ref: str, token: int,
+               request: gr.Request = None):
+    """Generator: train the build's adapters, yielding (loss figure, status, builds token) per step."""
+    from flexigpt.data import token_windows
+    from flexigpt.recover import RecoverSpec, recover
+
+    key = session_key(request)
+    w = work(key)
+    if not name or name not in w.builds:
+        raise ValueError(f"build {name!r} not found; build a model first (available: {sorted(w.builds)})")
+    steps, batch, seq_len = int(steps), int(batch), int(seq_len)
+    if not 1 <= steps <= MAX_RECOVER_STEPS:
+        raise ValueError(f"steps must be in [1, {MAX_RECOVER_STEPS}] in the app, got {steps}")
+    b = w.builds[name]
+    if b.plan.method == "drop":
+        raise ValueError(f"{name!r} is a plain drop: it has no adapters to train (recover the FlexiGPT build)")
+    spec = RecoverSpec(steps=steps, lr=float(lr), batch_size=batch, seq_len=seq_len, objective="lm")
+    windows = token_windows(b.tokenizer, (data_ref or "").strip() or "default", seq_len=seq_len, split="train",
+                            max_windows=min(512, steps * batch))
+    w.stop.clear()
+    offset = b.steps[-1] if b.steps else 0
+    token = int(token or 0)
+    yield figures.loss_curve(b.steps, b.losses, name), f"Recovering **{name}**: starting…", token
+    last = None
+    for log in recover(b.model, windows, spec, should_stop=w.stop.is_set):
+        last = log
+        b.steps.append(offset + int(log.step))
+        b.losses.append(float(log.loss))
+        status = (f"Recovering **{name}**: step {log.step}/{steps}, loss {log.loss:.3f}, lr {log.lr:.2e}, "
+                  f"{log.tokens_seen:,} tokens, {log.elapsed_s:.1f} s")
+        yield figures.loss_curve(b.steps, b.losses, f"Recovery loss: {name}"), status, token
+    b.model.eval()
+    b.recovered_steps = b.steps[-1] if b.steps else 0
+    ppl, _ = quick_ppl(b.model, preview_windows(b.tokenizer, data_ref))
+    b.ppl_after = ppl
+    done = "stopped" if w.stop.is_set() else "finished"
+    took = f" in {last.elapsed_s:.1f} s" if last is not None else ""
+    yield (figures.loss_curve(b.steps, b.losses, f"Recovery loss: {name}"),
+           f"Recovery {done} after {b.recovered_steps} steps{took}. Preview perplexity: "
+           f"{b.ppl_before:.2f} before → **{ppl:.2f}** after.", token + 1)
+
+
+def on_stop(request: gr.Request = None) -> str:
+    """Ask the running recovery to end after its current step."""
+    work(session_key(request)).stop.set()
+    return "Stopping after the current step…"
+
+
+def render(ctx) -> None:
+    gr.Markdown(text.BUILD_HELP)
+    with gr.Row():
+        also_drop = gr.Checkbox(True, label="also build the plain drop of the same blocks (baseline)", elem_id="also-drop")
+        build = gr.Button("Build", variant="primary", elem_id="build-btn")
+    status = gr.Markdown("", elem_id="build-status")
+    with gr.Row():
+        name = gr.Dropdown([], label="model to recover", elem_id="recover-name")
+        steps = gr.Number(20, label="steps", precision=0, minimum=1, maximum=MAX_RECOVER_STEPS, elem_id="recover-steps")
+        batch = gr.Number(2, label="batch (windows)", precision=0, minimum=1, maximum=16, elem_id="recover-batch")
+        seq_len = gr.Dropdown([64, 128, 256], value=128, label="tokens per window", elem_id="recover-seq")
+        lr = gr.Number(5e-4, label="learning rate", elem_id="recover-lr")
+    with gr.Row():
+        recover_btn = gr.Button("Recover", variant="primary", elem_id="recover-btn")
+        stop = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+    rec_status = gr.Markdown("", elem_id="recover-status")
+    curve = gr.Plot(label="recovery loss", elem_id="loss-plot")
+    data = ctx["data_ref"]
+    build.click(on_build, [ctx.plan, data, also_drop, ctx.builds_token], [status, name, ctx.builds_token],
+                concurrency_id=GPU)
+    recover_btn.click(on_recover, [name, steps, batch, seq_len, lr, data, ctx.builds_token],
+                      [curve, rec_status, ctx.builds_token], concurrency_id=GPU)
+    stop.click(on_stop, None, [rec_status], queue=False)

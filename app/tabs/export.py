@@ -1,0 +1,92 @@
+"""Tab 8: download the compact export (zip), the merged checkpoint (zip, when small enough), plan.json."""
+from __future__ import annotations
+
+import re
+import shutil
+import zipfile
+
+import gradio as gr
+
+from app import text
+from app.common import GPU, session_key, user_errors
+from app.session import work
+
+MAX_MERGED_PARAMS = 600_000_000  # above this a merged zip is too large to hand out from a demo
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "model"
+
+
+def _get(key: str, name: str):
+    b = work(key).builds.get(name or "")
+    if b is None:
+        raise ValueError(f"build {name!r} not found; build a model in tab 5 first")
+    return b
+
+
+@user_errors
+def on_export(name: str, kind: str, request: gr.Request = None, progress=gr.Progress()) -> tuple[str, str]:
+    """Write the export of a build and zip it; returns (zip path, status)."""
+    from flexigpt import export
+
+    key = session_key(request)
+    b = _get(key, name)
+    if kind not in ("compact", "merged"):
+        raise ValueError(f"export kind must be 'compact' or 'merged', got {kind!r}")
+    if kind == "merged" and (b.params.get("run") or 0) > MAX_MERGED_PARAMS:
+        raise ValueError(f"the merged checkpoint would hold {b.params['run']:,} parameters; the app hands out at most "
+                         f"{MAX_MERGED_PARAMS:,} (use the CLI for larger models)")
+    root = work(key).tmp_dir() / f"{_slug(name)}-{kind}"
+    shutil.rmtree(root, ignore_errors=True)
+    progress(0.2, desc=f"writing the {kind} export")
+    save = export.save_compact if kind == "compact" else export.save_merged
+    save(b.model, b.plan, b.tokenizer, root)
+    progress(0.7, desc="zipping")
+    archive = str(root) + ".zip"
+    # stored, not deflated: weights barely compress and deflating 400 MB costs tens of seconds
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as zf:
+        for f in sorted(root.rglob("*")):
+            if f.is_file():
+                zf.write(f, f.relative_to(root))
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    files = sorted(p.name for p in root.iterdir())
+    return archive, f"**{kind}** export of **{name}**: {size / 1e6:.1f} MB unzipped ({', '.join(files)})."
+
+
+@user_errors
+def on_plan_file(name: str, request: gr.Request = None) -> str:
+    """plan.json of a build, as a file path."""
+    key = session_key(request)
+    b = _get(key, name)
+    path = work(key).tmp_dir() / f"{_slug(name)}-plan.json"
+    path.write_text(b.plan.to_json())
+    return str(path)
+
+
+def on_export_compact(name: str, request: gr.Request = None, progress=gr.Progress()) -> tuple[str, str]:
+    return on_export(name, "compact", request, progress)
+
+
+def on_export_merged(name: str, request: gr.Request = None, progress=gr.Progress()) -> tuple[str, str]:
+    return on_export(name, "merged", request, progress)
+
+
+def on_builds(token=None, request: gr.Request = None):
+    names = list(work(session_key(request)).builds)
+    return gr.update(choices=names, value=names[0] if names else None)
+
+
+def render(ctx) -> None:
+    gr.Markdown(text.EXPORT_HELP)
+    build = gr.Dropdown([], label="built model", elem_id="export-build")
+    with gr.Row():
+        compact = gr.Button("Export compact (zip)", variant="primary", elem_id="export-compact")
+        merged = gr.Button("Export merged checkpoint (zip)", elem_id="export-merged")
+        plan_btn = gr.Button("plan.json of this build", elem_id="export-plan")
+    status = gr.Markdown("", elem_id="export-status")
+    files = gr.File(label="download", elem_id="export-file")
+    compact.click(on_export_compact, [build], [files, status], concurrency_id=GPU)
+    merged.click(on_export_merged, [build], [files, status], concurrency_id=GPU)
+    plan_btn.click(on_plan_file, [build], [files], queue=False)
+    ctx.builds_token.change(on_builds, [ctx.builds_token], [build], queue=False)

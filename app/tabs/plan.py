@@ -1,0 +1,256 @@
+"""Tab 4: the Plan. A ratio proposes it; per-block edits refine it; one renderer draws it.
+
+Editors only produce a new Plan (into ``ctx.plan``); ``on_render`` is the only view of it
+(house style 4.4: one renderer). Every edit goes through the Plan's own validation, so a bad
+edit is a ``ValueError`` with a clear message, shown as ``gr.Error``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+import plotly.graph_objects as go
+
+from app import figures, tables, text
+from app.common import PLANS_DIR, fmt_params, session_key, user_errors
+from app.session import REGISTRY, work
+
+METHODS = {"FlexiGPT (share a donor + adapter)": "flexigpt", "drop (ShortGPT)": "drop", "extend (copy blocks)": "extend"}
+METHOD_LABEL = {v: k for k, v in METHODS.items()}
+AUTO = "auto (suggested)"
+
+
+def _analysis(key: str) -> dict:
+    analysis = work(key).analysis
+    if analysis is None:
+        raise ValueError("no block scores yet: press 'Score blocks' in tab 2 first")
+    return analysis
+
+
+@user_errors
+def on_propose(ratio: float, method_label: str, rank: int, request: gr.Request = None):
+    """A fresh plan from the stored analysis: prune (or copy) the lowest-BI ``ratio`` of blocks."""
+    from flexigpt.plan import AdapterSpec, plan_from_analysis
+
+    analysis = _analysis(session_key(request))
+    method = METHODS.get(method_label, method_label)
+    return plan_from_analysis(analysis, float(ratio), method=method, adapter=AdapterSpec(rank=int(rank)))
+
+
+@user_errors
+def on_method(plan, method_label: str, ratio: float, rank: int, request: gr.Request = None):
+    """Switch method; FlexiGPT <-> drop keep the hand-edited pruned set, extend re-proposes."""
+    method = METHODS.get(method_label, method_label)
+    if plan is None or method == "extend" or plan.method == "extend":
+        return on_propose.__wrapped__(ratio, method_label, rank, request)
+    donors = None
+    analysis = work(session_key(request)).analysis
+    if method == "flexigpt" and analysis is not None:
+        sugg = (analysis.get("donor_suggestion") or {}).get("donors") or {}
+        donors = {int(k): int(v) for k, v in sugg.items() if int(v) in plan.kept_blocks}
+    return plan.with_method(method, donors)
+
+
+@user_errors
+def on_rank(plan, rank):
+    """Change the adapter rank (validated by the Plan and, at render, against the model's shapes)."""
+    if plan is None:
+        return None
+    if rank is None or float(rank) != int(float(rank)):
+        raise ValueError(f"adapter rank must be a whole number, got {rank!r}")
+    return plan.with_rank(int(float(rank)))
+
+
+OUT_NORMS = {"layernorm (paper)": "layernorm", "scale (mergeable into a plain checkpoint)": "scale"}
+
+
+@user_errors
+def on_out_norm(plan, label: str):
+    """The replacement slots' output normalisation: the paper's LayerNorm, or a per-feature scale
+    that a merged export can fold into the weights."""
+    if plan is None:
+        return None
+    value = OUT_NORMS.get(label, label)
+    if value not in OUT_NORMS.values():
+        raise ValueError(f"output norm must be one of {list(OUT_NORMS.values())}, got {label!r}")
+    return plan.with_adapter(out_norm=value)
+
+
+@user_errors
+def on_edit(plan, block, action: str, donor):
+    """Keep or prune one block, optionally with a hand-picked donor (0-based ids)."""
+    if plan is None:
+        raise ValueError("there is no plan yet: score the blocks and move the ratio slider first")
+    try:
+        b = int(block)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"pick a block id 0..{plan.num_blocks - 1}, got {block!r}") from err
+    if action == "keep":
+        return plan.keep(b)
+    if action != "prune":
+        raise ValueError(f"action must be 'keep' or 'prune', got {action!r}")
+    d = None if donor in (None, "", AUTO) else int(donor)
+    if plan.method == "flexigpt" and b in plan.dropped_blocks and d is not None:
+        return plan.with_donor(b, d)
+    return plan.drop(b, d) if plan.method == "flexigpt" else plan.drop(b)
+
+
+def on_pick_block(plan, block):
+    """When a block is picked: show its current action and the donors it may use."""
+    if plan is None or block in (None, ""):
+        return gr.update(), gr.update(choices=[AUTO], value=AUTO)
+    b = int(block)
+    pruned = b in plan.dropped_blocks
+    kept = [k for k in plan.kept_blocks if k != b]
+    current = plan.layer_map[b] if plan.method == "flexigpt" and pruned else AUTO
+    return gr.update(value="prune" if pruned else "keep"), gr.update(choices=[AUTO] + kept, value=current)
+
+
+def plan_message(plan, info: dict, counts) -> str:
+    """A plain summary of the plan, and warnings worth reading before building."""
+    base = info["num_parameters"]
+    lines = []
+    if plan.method == "flexigpt":
+        pairs = ", ".join(f"{b}←{d}" for b, d in sorted(plan.donors.items())) or "none"
+        lines.append(f"**FlexiGPT**: {len(plan.dropped_blocks)} of {plan.num_blocks} blocks pruned; their slots "
+                     f"reuse a donor (pruned ← donor, 0-based): {pairs}; adapter rank {plan.adapter.rank}.")
+    elif plan.method == "drop":
+        lines.append(f"**drop**: blocks {', '.join(map(str, plan.dropped_blocks)) or 'none'} (0-based) removed; "
+                     f"{plan.num_slots} blocks remain.")
+    else:
+        lines.append(f"**extend**: {plan.num_slots} slots from {plan.num_blocks} blocks; copies at slots "
+                     f"{', '.join(map(str, plan.replaced_slots))} (adapter rank {plan.adapter.rank}).")
+    lines.append(f"Stored parameters {fmt_params(counts.stored)} ({100 * counts.stored / base:.1f} % of "
+                 f"{fmt_params(base)}); each forward pass runs {fmt_params(counts.run)}.")
+    if plan.method == "flexigpt" and plan.donors:
+        from flexigpt.sharing import degeneracy_warning
+
+        warn = degeneracy_warning({int(k): int(v) for k, v in plan.donors.items()})
+        if warn:
+            lines.append(f"⚠️ {warn}")
+    if 0 in plan.dropped_blocks:
+        lines.append("⚠️ block 0 is pruned: the first block usually matters most (highest BI).")
+    return "\n\n".join(lines)
+
+
+@user_errors
+def on_render(plan, request: gr.Request = None):
+    """The only view of the plan: (figure, parameter table, per-block table, JSON, message, download
+    path, block choices)."""
+    from flexigpt.params import estimate_params
+
+    if plan is None:
+        empty = figures.message_figure("No plan yet: score the blocks (tab 2), then set the ratio.")
+        return empty, pd.DataFrame(), pd.DataFrame(), "", "No plan yet.", None, gr.update()
+    info = REGISTRY.info(plan.base_model)
+    if info["num_blocks"] != plan.num_blocks:
+        raise ValueError(f"the plan is for {plan.num_blocks} blocks, but {plan.base_model!r} has {info['num_blocks']}")
+    counts = estimate_params(plan, info)
+    analysis = work(session_key(request)).analysis
+    bi = analysis["block_influence"] if analysis and analysis.get("num_blocks") == plan.num_blocks else None
+    fig = figures.slot_map(plan.num_blocks, plan.layer_map, plan.replaced_slots)
+    params = tables.params_table(counts.to_dict(), base_total=info["num_parameters"])
+    table = tables.plan_table(plan.num_blocks, plan.layer_map, plan.method, bi)
+    path = work(session_key(request)).tmp_dir() / "plan.json"
+    path.write_text(plan.to_json())
+    blocks = gr.update(choices=list(range(plan.num_blocks)))
+    return fig, params, table, plan.to_json(), plan_message(plan, info, counts), str(path), blocks
+
+
+@user_errors
+def on_upload(file, request: gr.Request = None):
+    """Read an uploaded (or example) plan.json; it must fit the loaded model."""
+    from flexigpt.plan import Plan
+
+    if file is None:
+        raise ValueError("no file received")
+    path = Path(getattr(file, "name", file))
+    plan = Plan.from_json(path.read_bytes())
+    info = REGISTRY.info(plan.base_model)
+    if info["num_blocks"] != plan.num_blocks:
+        raise ValueError(f"plan.json is for {plan.num_blocks} blocks but {plan.base_model!r} has {info['num_blocks']}")
+    return plan
+
+
+def _views(plan, request) -> tuple:
+    return (plan, *on_render(plan, request))
+
+
+def propose_view(ratio: float, method_label: str, rank: int, request: gr.Request = None) -> tuple:
+    return _views(on_propose(ratio, method_label, rank, request), request)
+
+
+def method_view(plan, method_label: str, ratio: float, rank: int, request: gr.Request = None) -> tuple:
+    return _views(on_method(plan, method_label, ratio, rank, request), request)
+
+
+def rank_view(plan, rank, request: gr.Request = None) -> tuple:
+    return _views(on_rank(plan, rank), request)
+
+
+def out_norm_view(plan, label: str, request: gr.Request = None) -> tuple:
+    return _views(on_out_norm(plan, label), request)
+
+
+def edit_view(plan, block, action: str, donor, request: gr.Request = None) -> tuple:
+    return _views(on_edit(plan, block, action, donor), request)
+
+
+def upload_view(file, request: gr.Request = None) -> tuple:
+    return _views(on_upload(file, request), request)
+
+
+def example_plans() -> list[str]:
+    return sorted(str(p) for p in PLANS_DIR.glob("*.json")) if PLANS_DIR.is_dir() else []
+
+
+def render(ctx) -> None:
+    gr.Markdown(text.PLAN_HELP)
+    with gr.Row():
+        ratio = gr.Slider(0.0, 0.6, value=0.3, step=0.05, label="prune ratio (fraction of blocks)", elem_id="ratio")
+        method = gr.Radio(list(METHODS), value=list(METHODS)[0], label="method", elem_id="method")
+        with gr.Column():
+            rank = gr.Number(8, label="adapter rank r", precision=0, minimum=1, elem_id="rank")
+            out_norm = gr.Dropdown(list(OUT_NORMS), value=list(OUT_NORMS)[0], label="output norm of replacement slots",
+                                   elem_id="out-norm")
+    message = gr.Markdown("No plan yet.", elem_id="plan-message")
+    slots = gr.Plot(label="resulting stack", elem_id="slots-plot")
+    with gr.Row():
+        with gr.Column(scale=3):
+            gr.Markdown("**Edit one block** (0-based id): keep it, or prune it and choose its donor.")
+            with gr.Row():
+                block = gr.Dropdown(list(range(64)), label="block", elem_id="edit-block")
+                action = gr.Radio(["keep", "prune"], value="prune", label="action", elem_id="edit-action")
+                donor = gr.Dropdown([AUTO], value=AUTO, label="donor", elem_id="edit-donor")
+            apply = gr.Button("Apply edit", elem_id="edit-apply")
+        with gr.Column(scale=4):
+            params = gr.Dataframe(label="parameters (estimated from the plan)", interactive=False,
+                                  elem_id="params-table")
+    with gr.Accordion("plan per block (table)", open=False):
+        table = gr.Dataframe(interactive=False, max_height=360, elem_id="plan-table")
+    with gr.Accordion("plan.json: download, upload, view", open=False):
+        with gr.Row():
+            download = gr.DownloadButton("Download plan.json", elem_id="plan-download")
+            upload = gr.UploadButton("Upload plan.json", file_types=[".json"], elem_id="plan-upload")
+        examples = example_plans()
+        if examples:
+            gr.Examples([[p] for p in examples], inputs=[upload], label="example plans")
+        code = gr.Code(language="json", label="plan.json", interactive=False, max_lines=24, elem_id="plan-json")
+    ctx.components.update(ratio=ratio, method=method, rank=rank)
+    views = [slots, params, table, code, message, download, block]
+    # Every editor returns the new plan *and* its rendered views in one request (queue=False, so an
+    # edit never waits behind a heavy job and updates in one round trip). on_render stays the only
+    # renderer. (A gr.State set by a queue=False event does not fire its change event in Gradio 6,
+    # so "editors write the State, State.change renders" would need two queued round trips.)
+    fast = dict(queue=False, show_progress="hidden")
+    out = [ctx.plan, *views]
+    ctx.analysis_token.change(propose_view, [ratio, method, rank], out, **fast)
+    ratio.release(propose_view, [ratio, method, rank], out, **fast)
+    method.input(method_view, [ctx.plan, method, ratio, rank], out, **fast)
+    rank.submit(rank_view, [ctx.plan, rank], out, **fast)
+    rank.blur(rank_view, [ctx.plan, rank], out, **fast)
+    out_norm.input(out_norm_view, [ctx.plan, out_norm], out, **fast)
+    block.input(on_pick_block, [ctx.plan, block], [action, donor], **fast)
+    apply.click(edit_view, [ctx.plan, block, action, donor], out, **fast)
+    upload.upload(upload_view, [upload], out, **fast)

@@ -1,0 +1,99 @@
+"""Plain-language copy for the explorer: intro, per-tab help and a glossary for students."""
+from __future__ import annotations
+
+INTRO = """
+# FlexiGPT Studio
+Make a language model **shallower** by removing the transformer blocks that matter least, then
+see what that costs. FlexiGPT ([Smith et al., NAACL 2025](https://arxiv.org/abs/2501.14713)) does
+not simply delete a pruned block: it puts a *replacement* at the same depth that **reuses the
+weights of a kept block (its donor)** plus a small trainable correction (a LoRA adapter), so the
+model stores fewer parameters but keeps its depth. Work left to right through the tabs.
+All block ids are **0-based**: the first block is block 0.
+"""
+
+GLOSSARY = """
+**Block**: one decoder layer of the base model (attention + MLP). Hugging Face calls it a "layer".
+**Slot**: a position in the new model's stack. A FlexiGPT model has one slot per base block;
+a dropped model has fewer; an extended model has more.
+**Donor**: the kept base block whose weight tensors a replacement slot reuses. Several slots may share
+one donor; its weights are stored once.
+**Adapter**: the small per-slot LoRA correction (rank *r*) that a replacement slot adds on top of its
+donor's weights. Only adapters (and small norms) are trained during recovery.
+**Plan**: the recipe: which block each slot runs, the method and the adapter rank. It is a small JSON
+file you can download, edit and upload.
+"""
+
+MODEL_HELP = """
+Pick **default** (SmolLM2-135M-Instruct, shipped with the app, no download) or a local model folder
+or a cached Hugging Face id. Calibration data is the text used to measure the blocks:
+**default** is Python's built-in documentation text; you can give a `.txt` / `.jsonl` path instead.
+The last 10 % of the text is always held out for perplexity and never used for calibration or training.
+"""
+
+SCORES_HELP = {
+    "bi": """
+**Block Influence (BI)** asks: *how much does this block change the hidden state?* For every token we
+compare the vector entering the block with the vector leaving it (cosine similarity) and report
+`1 − mean cosine`. A block with BI near 0 barely rotates the residual stream, so removing it should
+hurt little. ShortGPT prunes the lowest-BI blocks; so does FlexiGPT. BI is only a proxy: where it is
+computed, the **loss increase when the block is removed** is the measured effect (lower = safer).
+""",
+    "angular": """
+**Angular distance** generalises BI to *runs* of blocks: for a span of *n* consecutive blocks starting
+at block *l*, it is the angle between the hidden state entering block *l* and the one leaving block
+*l+n−1*, scaled to 0..1 (`arccos(cos)/π`). Dark cells are contiguous runs that could be cut together;
+the white × marks the best start for each span length (Gromov et al., PruneMe).
+""",
+    "similarity": """
+**Similarity** compares the *outputs* of two blocks (mean token cosine). A dark square along the
+diagonal means neighbouring blocks write almost the same state, i.e. depth that adds little.
+""",
+}
+
+SHARE_HELP = """
+**Share error** asks: *if a pruned block reused a kept block's weights (its donor) plus a rank-r
+correction, how far would it be from the original?* For each weight matrix we take the difference
+`D = W_pruned − W_donor` and measure what a rank-r adapter cannot capture: `‖D − SVD_r(D)‖`.
+Rows are pruned candidates, columns are possible donors; lower is better and the circle marks the
+**suggested donor** (the lowest error among kept blocks).
+
+* **absolute**: summed over matrices, in weight units (large matrices dominate);
+* **relative**: each matrix's error divided by its own norm, then averaged (1.41 ≈ unrelated weights);
+* **paper**: the formula as printed in the paper (on the rank-r reconstructions).
+
+On small models different blocks' weights are nearly unrelated, so the correction barely helps:
+that is why FlexiGPT starts each replacement as an (almost) identity with a tiny output scale.
+"""
+
+PLAN_HELP = """
+The ratio slider proposes a plan: prune the lowest-BI blocks and give each its suggested donor.
+Then edit it by hand: pick a block, **keep** or **prune** it and choose the **donor** of a pruned
+block; or upload a `plan.json`. Every edit is checked at once (a donor must be a kept block). Methods: **FlexiGPT** (replacement slots share a donor + adapter),
+**drop** (ShortGPT: the blocks are removed), **extend** (copy blocks to make the model deeper).
+"""
+
+BUILD_HELP = """
+**Build** applies the plan to a copy of the model (the base model is never changed), then measures
+a **quick preview perplexity** on a few held-out windows. **Recover** trains only the new adapters
+for a few steps and draws the loss live; **Stop** ends it after the current step.
+"""
+
+COMPARE_HELP = """
+Every perplexity is shown with its **protocol** (data, split, windows, sequence length, BOS):
+numbers measured with different protocols are not comparable. Stored parameters count each shared
+tensor once; run cost counts the parameters each forward pass goes through.
+"""
+
+CHAT_HELP = """
+The same message goes to the **original** model and the **built** model; both answers stream side by
+side using the model's chat template. A small model pruned without much recovery will often ramble:
+that is the honest result.
+"""
+
+EXPORT_HELP = """
+**Compact** export stores every kept block once plus the adapters and `plan.json` (small; loads with
+FlexiGPT Studio). **Merged** export writes a standard Hugging Face checkpoint (each slot materialised,
+larger; loads with `AutoModelForCausalLM`). A merged checkpoint needs replacement slots whose output
+norm is the linear **scale** (choose it in the Plan tab before building): the paper's LayerNorm
+cannot be folded into plain weights.
+"""

@@ -1,0 +1,217 @@
+"""App handlers called directly with plain values (no browser, no server), on tiny models."""
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import gradio as gr
+import plotly.graph_objects as go
+import pytest
+
+from app import session
+from app.tabs import build as build_tab
+from app.tabs import model as model_tab
+from app.tabs import plan as plan_tab
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, _tiny_llama_base, tiny_tokenizer):
+    """A real checkpoint folder of the 6-block tiny LLaMA: the app loads it like any model."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    _tiny_llama_base.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def request_(request):
+    """A stand-in for gr.Request: handlers only read ``session_hash``."""
+    key = f"test-{request.node.name}"
+    yield SimpleNamespace(session_hash=key)
+    session.drop(key)
+
+
+def test_build_demo_constructs_without_launching():
+    from app.ui import build_demo, launch_options
+
+    demo = build_demo()
+    assert isinstance(demo, gr.Blocks)
+    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    for needed in ("load-btn", "score-btn", "share-plot", "ratio", "slots-plot", "build-btn", "recover-btn",
+                   "stop-btn", "compare-table", "chat-original", "chat-built", "export-compact"):
+        assert needed in ids, needed
+    opts = launch_options()
+    assert opts["server_name"] and isinstance(opts["server_port"], int)
+
+
+def test_on_load_summarises_the_model(tiny_folder, tiny_text_file, request_):
+    md, table, fig = model_tab.on_load(tiny_folder, str(tiny_text_file), request_)
+    assert "6 blocks" in md and "ids 0 to 5" in md
+    assert dict(zip(table["property"], table["value"]))["blocks"] == "6"
+    assert isinstance(fig, go.Figure) and list(fig.data[0].x) == list(range(6))
+
+
+def test_on_load_bad_reference_is_a_gradio_error(request_):
+    with pytest.raises(gr.Error, match="does not exist"):
+        model_tab.on_load("/no/such/folder", "default", request_)
+    with pytest.raises(gr.Error, match="does not exist"):
+        model_tab.on_load("default", "/no/such/file.txt", request_)
+
+
+def _plan(ref: str):
+    from flexigpt.plan import Plan
+
+    return Plan(ref, 6, (0, 1, 1, 3, 3, 5))  # blocks 2 and 4 pruned, donors 1 and 3
+
+
+def test_plan_render_and_edits(tiny_folder, request_):
+    plan = _plan(tiny_folder)
+    start = time.perf_counter()
+    fig, params, table, code, message, path, _ = plan_tab.on_render(plan, request_)
+    assert time.perf_counter() - start < 5  # includes the one-off meta-model shapes; later renders are ms
+    start = time.perf_counter()
+    plan_tab.on_render(plan, request_)
+    assert time.perf_counter() - start < 0.5
+    assert isinstance(fig, go.Figure)
+    assert list(table["action"]) == ["keep", "keep", "prune", "keep", "prune", "keep"]
+    assert "2←1" in message and "4←3" in message
+    stored = int(params.loc[0, "parameters"].replace(",", ""))
+    from flexigpt.params import estimate_params
+
+    assert stored == estimate_params(plan, session.REGISTRY.info(tiny_folder)).stored
+    assert json.loads(open(path).read())["layer_map"] == [0, 1, 1, 3, 3, 5]
+    assert json.loads(code) == json.loads(plan.to_json())
+    # edits return new plans
+    kept = plan_tab.on_edit(plan, 2, "keep", None)
+    assert kept.layer_map == (0, 1, 2, 3, 3, 5)
+    redonor = plan_tab.on_edit(plan, 4, "prune", 5)
+    assert redonor.layer_map[4] == 5
+    pruned = plan_tab.on_edit(plan, 0, "prune", plan_tab.AUTO)
+    assert 0 in pruned.dropped_blocks
+    assert plan_tab.on_rank(plan, 4).adapter.rank == 4
+    new_plan, fig2, _, table2, *_ = plan_tab.edit_view(plan, 2, "keep", None, request_)  # plan + its views at once
+    assert new_plan == kept and list(table2["action"]).count("prune") == 1 and isinstance(fig2, go.Figure)
+    drop = plan_tab.on_method(plan, "drop (ShortGPT)", 0.3, 8, request_)
+    assert drop.method == "drop" and drop.layer_map == (0, 1, 3, 5)
+
+
+def test_bad_plan_edits_are_gradio_errors_not_tracebacks(tiny_folder, request_):
+    plan = _plan(tiny_folder)
+    with pytest.raises(gr.Error, match="block 1 is the donor of slots"):
+        plan_tab.on_edit(plan, 1, "prune", None)  # 1 donates to slot 2
+    with pytest.raises(gr.Error, match="donors must be kept"):
+        plan_tab.on_edit(plan, 4, "prune", 2)  # block 2 is itself pruned
+    with pytest.raises(gr.Error, match="got 9"):
+        plan_tab.on_edit(plan, 9, "keep", None)
+    with pytest.raises(gr.Error, match="no block scores yet"):
+        plan_tab.on_propose(0.3, "FlexiGPT (share a donor + adapter)", 8, request_)
+    with pytest.raises(gr.Error, match="rank"):
+        plan_tab.on_render(plan.with_rank(1000), request_)
+
+
+def test_plan_upload_round_trip(tiny_folder, tmp_path, request_):
+    plan = _plan(tiny_folder)
+    good = tmp_path / "plan.json"
+    good.write_text(plan.to_json())
+    assert plan_tab.on_upload(str(good), request_) == plan
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format_version": 1, "base_model": "x", "num_blocks": 6, "layer_map": [0, 9]}')
+    with pytest.raises(gr.Error, match="layer_map"):
+        plan_tab.on_upload(str(bad), request_)
+
+
+def test_stop_sets_the_session_flag(request_):
+    assert "Stopping" in build_tab.on_stop(request_)
+    assert session.work(request_.session_hash).stop.is_set()
+
+
+def test_sessions_are_freed(request_):
+    w = session.work("someone-else")
+    tmp = w.tmp_dir()
+    assert "someone-else" in session.active_sessions()
+    session.drop("someone-else")
+    assert "someone-else" not in session.active_sessions() and not tmp.exists()
+
+
+def test_story_on_the_tiny_model(tiny_folder, tiny_text_file, request_, monkeypatch, tmp_path):
+    """Score -> share error -> plan -> build -> recover -> compare -> chat -> export, by handlers."""
+    from app.tabs import chat as chat_tab
+    from app.tabs import compare as compare_tab
+    from app.tabs import export as export_tab
+    from app.tabs import scores as scores_tab
+    from app.tabs import share as share_tab
+
+    monkeypatch.setenv("FLEXIGPT_CACHE", str(tmp_path / "cache"))
+    data = str(tiny_text_file)
+    status, bar, table, tri, sim, token = scores_tab.on_score(tiny_folder, data, 4, 64, False, request_)
+    assert "computed" in status and "(0-based)" in status and token
+    assert list(table["block (0-based)"]) == list(range(6))
+    assert isinstance(bar, go.Figure) and isinstance(tri, go.Figure) and isinstance(sim, go.Figure)
+    start = time.perf_counter()
+    status2, *_ , token2 = scores_tab.on_score(tiny_folder, data, 4, 64, False, request_)
+    assert time.perf_counter() - start < 1.0  # the session keeps the last result
+    _, drop_bar, drop_table, *_ = scores_tab.on_score(tiny_folder, data, 4, 64, True, request_)
+    assert "ppl without the block" in drop_table.columns and len(drop_bar.data) >= 3
+    assert "kept from this visit" in status2 and token2 != token
+
+    plan = plan_tab.on_propose(0.3, "FlexiGPT (share a donor + adapter)", 4, request_)
+    assert len(plan.dropped_blocks) == 2 and plan.adapter.rank == 4
+    bi = session.work(request_.session_hash).analysis["block_influence"]
+    assert set(plan.dropped_blocks) == set(sorted(range(6), key=lambda i: bi[i])[:2])
+
+    msg, token3 = share_tab.on_compute(tiny_folder, data, 4, 64, [4], "pruned x kept blocks of the plan (fast)",
+                                       plan, request_)
+    assert "ranks [4]" in msg
+    rank_upd, view_upd, fig, donors_md = share_tab.on_refresh("relative", None, share_tab.AGGREGATED, plan, request_)
+    assert rank_upd["value"] == 4 and "q_proj" in view_upd["choices"]
+    heat = fig.data[0]
+    assert [y for y in heat.y] == [f"block {b}" for b in plan.dropped_blocks]  # rows: the plan's pruned blocks
+    assert "←" in donors_md
+    per_matrix, _ = share_tab.on_share_view("absolute", 4, "q_proj", plan, request_)
+    assert len(per_matrix.data[0].z) == 2
+    with pytest.raises(gr.Error, match="pick at least one rank"):
+        share_tab.on_compute(tiny_folder, data, 4, 64, [], "all block pairs (slow)", plan, request_)
+
+    status, choices, builds = build_tab.on_build(plan, data, True, 0, request_)
+    assert builds == 1 and "flexigpt 33% r4" in status and "drop 33%" in status and "heldout" in status
+    assert choices["value"] == "flexigpt 33% r4"
+    outs = list(build_tab.on_recover("flexigpt 33% r4", 2, 1, 64, 1e-3, data, builds, request_))
+    assert len(outs) == 4  # start, 2 steps, final
+    assert "Recovery finished after 2 steps" in outs[-1][1] and outs[-1][2] == 2
+    assert len(outs[-1][0].data[0].x) == 2  # the loss curve has both steps
+    # Stop: the loop ends after the current step and still reports the result
+    gen = build_tab.on_recover("flexigpt 33% r4", 5, 1, 64, 1e-3, data, 2, request_)
+    next(gen), next(gen)  # the start and step 1
+    build_tab.on_stop(request_)
+    rest = list(gen)
+    assert "Recovery stopped after 3 steps" in rest[-1][1]  # 2 earlier steps + 1 before the stop was seen
+    with pytest.raises(gr.Error, match="no adapters"):
+        list(build_tab.on_recover("drop 33%", 2, 1, 64, 1e-3, data, 2, request_))
+
+    table, fig = compare_tab.on_refresh(2, request_)
+    assert list(table["model"]) == [f"original ({tiny_folder})", "flexigpt 33% r4", "drop 33%"]
+    assert table.loc[1, "ppl after recovery"] != "n/a" and "heldout" in table.loc[1, "perplexity protocol"]
+    assert isinstance(fig, go.Figure)
+    table, _ = compare_tab.on_speed(request_)
+    assert all(v != "n/a" and float(v) > 0 for v in table["tokens/s"])
+
+    chats = list(chat_tab.on_chat("w1 w2 w3", "flexigpt 33% r4", [], [], 4, 0.0, 1.0, tiny_folder, request_))
+    left, right, box, status = chats[-1]
+    assert left[0]["content"] == "w1 w2 w3" and right[0]["content"] == "w1 w2 w3"
+    assert left[-1]["role"] == "assistant" and isinstance(right[-1]["content"], str)
+    assert "First token after" in status and box == ""
+    with pytest.raises(gr.Error, match="type a message"):
+        list(chat_tab.on_chat("  ", "flexigpt 33% r4", [], [], 4, 0.0, 1.0, tiny_folder, request_))
+
+    archive, msg = export_tab.on_export("flexigpt 33% r4", "compact", request_)
+    import zipfile
+
+    names = zipfile.ZipFile(archive).namelist()
+    assert "plan.json" in names and "compact" in msg
+    with pytest.raises(gr.Error, match="out_norm|layernorm"):
+        export_tab.on_export("flexigpt 33% r4", "merged", request_)
+    scaled = plan_tab.on_out_norm(plan, "scale (mergeable into a plain checkpoint)")
+    assert scaled.adapter.out_norm == "scale"
+    plan_path = export_tab.on_plan_file("flexigpt 33% r4", request_)
+    assert json.loads(open(plan_path).read())["layer_map"] == list(plan.layer_map)
