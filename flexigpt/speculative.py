@@ -30,7 +30,7 @@ from flexigpt.arch import get_blocks, set_blocks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SpeculativeResult", "draft_model", "greedy_generate", "speculative_generate"]
+__all__ = ["SpeculativeResult", "draft_for", "draft_model", "greedy_generate", "speculative_generate", "speculative_reply"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,12 @@ def _logits_last(model: nn.Module, ids: torch.Tensor, cache) -> torch.Tensor:
     return out.logits[0].float()  # (T, V)
 
 
+def _eos_set(eos: int | Iterable[int] | None) -> set[int]:
+    if eos is None:
+        return set()
+    return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+
+
 def _crop(cache, length: int) -> None:
     """Keep the first ``length`` positions of a DynamicCache (transformers 5 crops by a negative count)."""
     extra = cache.get_seq_length() - length
@@ -94,10 +100,12 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator |
 
 
 @torch.no_grad()
-def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> SpeculativeResult:
+def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
+                    eos_token_id: int | Iterable[int] | None = None) -> SpeculativeResult:
     """Plain greedy decoding with a KV cache, timed the same way as ``speculative_generate``."""
     from transformers import DynamicCache
 
+    eos = _eos_set(eos_token_id)
     start = time.perf_counter()
     cache = DynamicCache()
     seq = input_ids
@@ -106,7 +114,7 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: i
     for _ in range(max_new_tokens):
         tok = logits[-1].argmax(-1).view(1, 1)
         seq = torch.cat([seq, tok], dim=1)
-        if eos_token_id is not None and int(tok) == eos_token_id:
+        if int(tok) in eos:
             break
         if seq.shape[1] - input_ids.shape[1] >= max_new_tokens:
             break
@@ -124,7 +132,7 @@ def speculative_generate(
     max_new_tokens: int = 64,
     *,
     draft_len: int = 4,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Iterable[int] | None = None,
     temperature: float = 0.0,
     seed: int | None = None,
 ) -> SpeculativeResult:
@@ -136,7 +144,7 @@ def speculative_generate(
         input_ids: ``(1, T)`` prompt; batch size 1.
         max_new_tokens: tokens to generate at most.
         draft_len: tokens the draft proposes per round (>= 1).
-        eos_token_id: stop after this token.
+        eos_token_id: stop after this token (or any of these tokens).
         temperature: 0 = greedy (output identical to the target's greedy output); > 0 samples
             with the standard acceptance rule.
         seed: seeds the sampling generator.
@@ -152,6 +160,7 @@ def speculative_generate(
         raise ValueError(f"draft_len must be a positive integer, got {draft_len!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    eos = _eos_set(eos_token_id)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     start = time.perf_counter()
     t_cache, d_cache = DynamicCache(), DynamicCache()
@@ -165,7 +174,7 @@ def speculative_generate(
     while True:
         seq = torch.cat([seq, nxt], dim=1)
         produced = seq.shape[1] - prompt_len
-        if produced >= max_new_tokens or (eos_token_id is not None and int(nxt) == eos_token_id):
+        if produced >= max_new_tokens or int(nxt) in eos:
             break
         k = min(draft_len, max_new_tokens - produced)
         # draft: catch up on confirmed tokens it has not seen, then propose k tokens
@@ -206,8 +215,9 @@ def speculative_generate(
             if nxt_tok is None:
                 nxt_tok = int(torch.multinomial(p_all[k], 1, generator=gen))
         accepted += m
-        if eos_token_id is not None and eos_token_id in proposals[:m]:
-            m = proposals.index(eos_token_id) + 1
+        hit = next((i for i, t in enumerate(proposals[:m]) if t in eos), None)
+        if hit is not None:
+            m = hit + 1
             seq = torch.cat([seq[:, :-1], block[:, : m + 1]], dim=1)
             break
         seq = torch.cat([seq, torch.tensor([proposals[:m]], dtype=seq.dtype)], dim=1) if m else seq
@@ -218,3 +228,54 @@ def speculative_generate(
         nxt = torch.tensor([[nxt_tok]], dtype=seq.dtype)
     seq = seq[:, : prompt_len + max_new_tokens]
     return SpeculativeResult(seq, seq.shape[1] - prompt_len, drafted, accepted, calls, time.perf_counter() - start)
+
+
+def draft_for(model: nn.Module) -> nn.Module:
+    """The self-speculative draft of a model built by ``flexigpt.surgery.apply_plan``: the same
+    network with its replacement (and extension-copy) slots skipped.
+
+    Raises:
+        ValueError: the model has no replacement slots to skip (nothing would be gained).
+    """
+    from flexigpt.surgery import build_info
+
+    plan = build_info(model).plan
+    if not plan.replaced_slots:
+        raise ValueError(f"self-speculative decoding needs a model with replacement slots; this {plan.method!r} "
+                         "model has none (build a FlexiGPT plan)")
+    return draft_model(model, plan.replaced_slots)
+
+
+@torch.no_grad()
+def speculative_reply(model: nn.Module, tokenizer, messages, *, draft: nn.Module | None = None,
+                      max_new_tokens: int = 128, draft_len: int = 4) -> tuple[str, SpeculativeResult]:
+    """A greedy chat reply decoded self-speculatively; the text equals ``chat.reply(..., temperature=0)``.
+
+    Returns:
+        ``(reply_text, statistics)``.
+    """
+    from flexigpt.chat import ZERO_WIDTH_SPACE, _context_length, _eos_ids, build_prompt
+
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    draft = draft if draft is not None else draft_for(model)
+    context = _context_length(model)
+    prompt = build_prompt(tokenizer, messages, max_tokens=max(context - max_new_tokens, context // 2))
+    ids = torch.tensor([prompt.ids], dtype=torch.long, device=next(model.parameters()).device)
+    budget = min(max_new_tokens, context - ids.shape[1])
+    eos = _eos_ids(model, tokenizer)
+    was = model.training, draft.training
+    model.eval()
+    draft.eval()
+    try:
+        result = speculative_generate(model, draft, ids, budget, draft_len=draft_len, eos_token_id=eos)
+    finally:
+        model.train(was[0])
+        draft.train(was[1])
+    new = [int(t) for t in result.sequences[0, ids.shape[1]:]]
+    if new and new[-1] in eos:
+        new = new[:-1]
+    text = tokenizer.decode(new, skip_special_tokens=True).replace(ZERO_WIDTH_SPACE, "")
+    if not prompt.templated and "\nUser:" in text:
+        text = text.split("\nUser:")[0]
+    return text.strip(), result

@@ -64,3 +64,40 @@ def test_bad_arguments(tiny_model):
         speculative_generate(tiny_model, tiny_model, torch.tensor([[5]]), 4, draft_len=0)
     with pytest.raises(ValueError, match=r"one prompt of shape \(1, T\)"):
         speculative_generate(tiny_model, tiny_model, torch.tensor([[5], [6]]), 4)
+
+
+def test_speculative_reply_equals_plain_reply_on_a_flexigpt_build(tiny_model, tiny_tokenizer):
+    from flexigpt.chat import reply
+    from flexigpt.plan import Plan
+    from flexigpt.speculative import draft_for, speculative_reply
+    from flexigpt.surgery import apply_plan
+
+    model = apply_plan(tiny_model, Plan("t", 6, (0, 1, 1, 3, 3, 5)))
+    with torch.no_grad():  # make the slots matter, as after recovery: perturb what recovery trains
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    draft = draft_for(model)
+    assert len(get_blocks(draft)) == 4
+    for prompt in ("w1 w2 w3", "w7 w9", "w100 w5 w6 w7"):
+        text, stats = speculative_reply(model, tiny_tokenizer, prompt, draft=draft, max_new_tokens=10)
+        assert text == reply(model, tiny_tokenizer, prompt, max_new_tokens=10)
+        assert stats.drafted > 0
+    with pytest.raises(ValueError, match="needs a model with replacement slots"):
+        draft_for(apply_plan(tiny_model, Plan("t", 6, (0, 1, 3, 5), method="drop")))
+
+
+def test_cli_chat_speculative_same_stdout(tiny_model, tiny_tokenizer, tmp_path, capsys):
+    from flexigpt.cli import main
+    from flexigpt.export import save_compact
+    from flexigpt.plan import Plan
+    from flexigpt.surgery import apply_plan
+
+    plan = Plan(str(tmp_path), 6, (0, 1, 1, 3, 3, 5))
+    save_compact(apply_plan(tiny_model, plan), plan, tiny_tokenizer, tmp_path / "m")
+    assert main(["chat", "--model", str(tmp_path / "m"), "--prompt", "w1 w2", "--max-new-tokens", "6"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["chat", "--model", str(tmp_path / "m"), "--prompt", "w1 w2", "--max-new-tokens", "6", "--speculative"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and "draft tokens accepted" in captured.err
+    assert main(["chat", "--model", str(tmp_path / "m"), "--prompt", "w1", "--speculative", "--temperature", "0.7"]) == 2

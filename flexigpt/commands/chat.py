@@ -19,6 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--speculative", action="store_true",
+                   help="decode self-speculatively (a FlexiGPT model drafts with its replacement slots skipped); "
+                        "greedy, same reply as without the switch; statistics go to stderr and --json")
+    p.add_argument("--draft-len", type=int, default=4, help="tokens the draft proposes per round (--speculative)")
 
 
 def run(args: argparse.Namespace):
@@ -29,7 +33,11 @@ def run(args: argparse.Namespace):
     temperature = args.temperature if args.temperature is not None else (1.0 if sampling_given else 0.0)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}]
+    if args.speculative and temperature != 0:
+        raise ValueError("--speculative decodes greedily; drop --temperature/--top-p/--top-k/--seed")
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.speculative:
+        return _speculative(args, loaded, messages)
     start = time.perf_counter()
     text = reply(loaded.model, loaded.tokenizer, messages, max_new_tokens=args.max_new_tokens, temperature=temperature,
                  top_p=args.top_p if args.top_p is not None else 1.0, top_k=args.top_k or 0,
@@ -38,3 +46,23 @@ def run(args: argparse.Namespace):
     result = {"model": args.model, "reply": text, "greedy": temperature == 0, "temperature": temperature,
               "seconds": round(seconds, 3), "reply_tokens": len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])}
     return result, text
+
+
+def _speculative(args: argparse.Namespace, loaded, messages):
+    import sys
+
+    from flexigpt.speculative import draft_for, speculative_reply
+
+    if args.repetition_penalty != 1.0:
+        raise ValueError("--speculative does not support --repetition-penalty")
+    draft = draft_for(loaded.model)
+    text, stats = speculative_reply(loaded.model, loaded.tokenizer, messages, draft=draft,
+                                    max_new_tokens=args.max_new_tokens, draft_len=args.draft_len)
+    info = {"model": args.model, "reply": text, "greedy": True, "speculative": True, "draft_len": args.draft_len,
+            "acceptance_rate": round(stats.acceptance_rate, 4), "drafted": stats.drafted, "accepted": stats.accepted,
+            "target_calls": stats.target_calls, "new_tokens": stats.new_tokens, "seconds": round(stats.seconds, 3)}
+    if not args.json:
+        print(f"speculative: {stats.accepted}/{stats.drafted} draft tokens accepted "
+              f"({100 * stats.acceptance_rate:.1f}%), {stats.target_calls} full-model passes for "
+              f"{stats.new_tokens} tokens, {stats.seconds:.2f} s", file=sys.stderr)
+    return info, text
