@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--only", default="", help="comma-separated row names to run (default all)")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--save-dir", default=None, help="also write a compact export of every trained FlexiGPT row here")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
@@ -123,6 +124,10 @@ def main() -> None:
                "seconds": round(seconds, 1), "final_loss": final_loss}
         results.append(row)
         models[name] = model
+        if args.save_dir and name.startswith("flexigpt") and trained:
+            from flexigpt.export import save_compact
+
+            save_compact(model, plan, tok, Path(args.save_dir) / name.replace(" ", "-"), overwrite=True)
         print(f"  {name:<24} ppl {before:9.2f} -> {after:9.2f}   other {after_other:9.2f}   "
               f"trainable {counts.trainable:>9,}   {seconds:6.1f} s", flush=True)
 
