@@ -1,0 +1,157 @@
+"""analyze(): schema, cache, validation, and the `analyze` CLI (tiny model in a tmp folder)."""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+
+from flexigpt.analysis import Analysis, analyze
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXIGPT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _run(model, tok, data_file, **kw):
+    settings = dict(data=str(data_file), samples=4, seq_len=16, ranks=(2, 8))
+    settings.update(kw)
+    return analyze(model, tok, **settings)
+
+
+def _no_nan(obj):
+    if isinstance(obj, float):
+        assert math.isfinite(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _no_nan(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            _no_nan(v)
+
+
+def test_schema_and_cache_hit(tiny_model, tiny_tokenizer, tiny_text_file, cache):
+    first = _run(tiny_model, tiny_tokenizer, tiny_text_file, ppl_drop=True, ppl_samples=2)
+    d = first.to_dict()
+    L = 6
+    assert d["format_version"] == 1 and d["num_blocks"] == L and not d["cached"]
+    assert d["protocol"]["windows"] == 4 and d["protocol"]["split"] == "train"
+    assert len(d["block_influence"]) == L
+    assert d["angular_distance"]["max_span"] == L
+    assert [len(r) for r in d["angular_distance"]["values"]] == [6, 5, 4, 3, 2, 1]
+    assert len(d["similarity"]) == L and all(len(r) == L for r in d["similarity"])
+    assert d["ppl_drop"]["samples"] == 2 and d["ppl_drop"]["tokens"] == 2 * 15 and len(d["ppl_drop"]["ppl"]) == L
+    se = d["share_error"]
+    assert se["ranks"] == [2, 8] and len(se["matrices"]) == 7 and se["pairs"] == "all"
+    assert se["absolute"]["8"][0][0] is None and se["absolute"]["8"][0][1] > 0
+    assert set(se["per_matrix"]["relative"]["2"]) == set(se["matrices"])
+    assert se["paper"]["2"][1][0] is not None and len(se["weight_norms"]["q_proj"]) == L
+    sugg = d["donor_suggestion"]
+    assert sugg["metric"] == "paper" and sugg["rank"] == 8 and len(sugg["pruned"]) == 2  # round(0.3 * 6)
+    bi = d["block_influence"]
+    assert sorted(sugg["pruned"]) == sorted(sorted(range(L), key=lambda i: bi[i])[:2])
+    assert all(int(j) not in sugg["pruned"] for j in sugg["donors"].values())
+    json.dumps(d, allow_nan=False)  # strict JSON: no NaN anywhere
+    assert list(cache.joinpath("analysis").glob("*.json"))
+
+    t = time.perf_counter()
+    second = _run(tiny_model, tiny_tokenizer, tiny_text_file, ppl_drop=True, ppl_samples=2)
+    assert time.perf_counter() - t < 1.0
+    assert second.cached
+    a, b = first.to_dict(), second.to_dict()
+    a.pop("cached"), b.pop("cached")
+    assert a == b
+    assert Analysis.from_dict(second.to_dict()).donors == first.donors
+    assert list(first.to_frame()["block"]) == list(range(L))
+
+
+def test_settings_change_the_cache_key_and_subset(tiny_model, tiny_tokenizer, tiny_text_file, cache):
+    full = _run(tiny_model, tiny_tokenizer, tiny_text_file, ranks=(4,))
+    sub = _run(tiny_model, tiny_tokenizer, tiny_text_file, ranks=(4,), pairs="subset", pruned=[2, 3])
+    assert not sub.cached
+    se = sub["share_error"]
+    assert se["pairs"] == "subset" and se["rows"] == [2, 3] and se["cols"] == [0, 1, 4, 5]
+    assert se["relative"]["4"][2][0] == pytest.approx(full["share_error"]["relative"]["4"][2][0], rel=1e-6)
+    assert se["relative"]["4"][0][2] is None
+    assert sub["donor_suggestion"]["pruned"] == [2, 3]
+    other = _run(tiny_model, tiny_tokenizer, tiny_text_file, ranks=(4,), use_cache=False)
+    assert not other.cached
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"samples": 0}, "samples must be a positive integer.*0"),
+        ({"samples": -3}, "-3"),
+        ({"seq_len": 129}, "seq_len 129 is outside 2..128"),
+        ({"ranks": (0,)}, "rank 0 is outside 1..32"),
+        ({"ranks": (33,)}, "rank 33 is outside 1..32"),
+        ({"ranks": "8,x"}, "'8,x'"),
+        ({"donor_metric": "cosine"}, "unknown donor metric 'cosine'"),
+        ({"pairs": "some"}, "pairs 'some'"),
+        ({"ratio": 1.5}, "ratio 1.5"),
+        ({"max_span": 9}, "max_span 9 is outside 1..6"),
+        ({"data": "/no/such/file.txt"}, "/no/such/file.txt"),
+    ],
+)
+def test_bad_settings_raise(tiny_model, tiny_tokenizer, tiny_text_file, cache, kw, match):
+    with pytest.raises(ValueError, match=match):
+        _run(tiny_model, tiny_tokenizer, tiny_text_file, **kw)
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tiny_model, tiny_tokenizer):
+    folder = tmp_path / "tiny"
+    tiny_model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_cli_writes_analysis_json(tiny_folder, tiny_text_file, tmp_path, cache, capsys):
+    from flexigpt.cli import main
+
+    out = tmp_path / "out"
+    code = main(["analyze", "--model", str(tiny_folder), "--data", str(tiny_text_file), "--samples", "3",
+                 "--seq-len", "16", "--ranks", "2,4", "--pairs", "subset", "--ratio", "0.5", "--out", str(out), "--json"])
+    assert code == 0
+    written = json.loads((out / "analysis.json").read_text())
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert written == printed
+    assert written["share_error"]["pairs"] == "subset" and len(written["donor_suggestion"]["pruned"]) == 3
+    assert written["share_error"]["ranks"] == [2, 4]
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--ranks", "8,x"], "--ranks '8,x'"),
+        (["--samples", "0"], "samples"),
+        (["--pairs", "half"], "--pairs 'half'"),
+        (["--donor-metric", "nope"], "nope"),
+    ],
+)
+def test_cli_bad_flags_exit_2(tiny_folder, tiny_text_file, tmp_path, cache, capsys, flags, match):
+    from flexigpt.cli import main
+
+    code = main(["analyze", "--model", str(tiny_folder), "--data", str(tiny_text_file), "--seq-len", "16",
+                 "--out", str(tmp_path / "o")] + flags)
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and match in err[0]
+    assert not (tmp_path / "o" / "analysis.json").exists()
+
+
+@pytest.mark.slow
+def test_embedded_model_block0_has_the_largest_bi(smollm, cache):
+    result = analyze(smollm.model, smollm.tokenizer, samples=2, seq_len=64, ranks=(8,), pairs="subset", pruned=[13, 14])
+    d = result.to_dict()
+    bi = d["block_influence"]
+    assert len(bi) == 30 and max(range(30), key=lambda i: bi[i]) == 0
+    assert len(d["similarity"]) == 30 and len(d["angular_distance"]["values"]) == 30
+    se = d["share_error"]
+    assert se["pairs"] == "subset" and se["rows"] == [13, 14] and len(se["cols"]) == 28
+    assert len(se["matrices"]) == 7 and len(se["absolute"]["8"]) == 30
+    assert set(int(k) for k in d["donor_suggestion"]["donors"]) == set(se["rows"])
