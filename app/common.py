@@ -1,4 +1,4 @@
-"""Small shared pieces of the app: the heavy-job concurrency id, error handling, asset paths."""
+"""Small shared pieces of the app: the heavy-job concurrency group, error handling, asset paths."""
 from __future__ import annotations
 
 import functools
@@ -11,11 +11,19 @@ import gradio as gr
 
 log = logging.getLogger(__name__)
 
-GPU = "gpu"  # concurrency id of every heavy listener: one model job at a time
+GPU = "gpu"  # concurrency id of every heavy listener: they share one limit (app.limits heavy_jobs)
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 CSS_PATH = ASSETS / "style.css"
 PLANS_DIR = ASSETS / "plans"
+
+
+def heavy() -> dict:
+    """Event-listener arguments of every heavy handler: one shared concurrency group whose size is
+    ``app.limits`` ``heavy_jobs``; others wait in Gradio's queue, which shows their position."""
+    from app import limits
+
+    return {"concurrency_id": GPU, "concurrency_limit": limits.current().heavy_jobs}
 
 
 def session_key(request: Any) -> str:
@@ -39,9 +47,12 @@ def user_errors(fn):
                 raise
             except ValueError as err:
                 raise gr.Error(str(err)) from err
+            except MemoryError as err:
+                raise gr.Error("the server ran out of memory for this request; try a smaller setting or "
+                               "try again later") from err
             except Exception as err:
                 log.exception("handler %s failed", fn.__name__)
-                raise gr.Error(f"{type(err).__name__}: {err}") from err
+                raise gr.Error(f"{type(err).__name__}: {str(err)[:300]}") from err
 
         return gen_wrapper
 
@@ -53,9 +64,12 @@ def user_errors(fn):
             raise
         except ValueError as err:
             raise gr.Error(str(err)) from err
+        except MemoryError as err:
+            raise gr.Error("the server ran out of memory for this request; try a smaller setting or "
+                           "try again later") from err
         except Exception as err:
             log.exception("handler %s failed", fn.__name__)
-            raise gr.Error(f"{type(err).__name__}: {err}") from err
+            raise gr.Error(f"{type(err).__name__}: {str(err)[:300]}") from err
 
     return wrapper
 

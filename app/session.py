@@ -2,16 +2,24 @@
 
 * Base models are loaded once per model reference and shared, read-only, by every visitor
   (surgery never modifies them: ``flexigpt.surgery.apply_plan`` returns a new model whose
-  slots share the base Parameters).
+  slots share the base Parameters). In public mode only allow-listed references load
+  (``app.limits.check_model_ref``); URLs never do.
 * Everything a visitor makes (the last analysis, built models, recovery runs, exports) lives in a
-  :class:`Work` keyed by Gradio's ``session_hash``. It is freed by ``demo.unload`` and by an idle
-  sweep, so an abandoned tab does not keep a model in memory forever.
+  :class:`Work` keyed by Gradio's ``session_hash``; handlers only ever look up the caller's own
+  key, so one visitor cannot name, stop or download another's work. Downloads go to a private
+  folder per visitor with an unguessable name. Work is freed by ``demo.unload``, by an idle
+  sweep (a background thread as well as every request) and beyond ``max_sessions`` visitors.
+* Built models are admitted against the limits (count and owned MB per visitor and in total,
+  and the server's resident memory): :func:`admit_build` refuses with the numbers.
 
 ``gr.State`` holds only the Plan and small keys; models never go through it (it deep-copies).
 """
 from __future__ import annotations
 
+import gc
 import logging
+import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -20,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app import limits
+
 log = logging.getLogger(__name__)
 
-IDLE_SECONDS = 45 * 60  # a visitor's built models are freed after this long without a request
-MAX_SESSIONS = 8  # the oldest visitor's work is freed beyond this (models are large)
+SWEEP_SECONDS = 60  # how often the background sweep looks for idle visitors
+MB = 1024 * 1024
 
 
 class ModelRegistry:
@@ -35,8 +45,9 @@ class ModelRegistry:
         self._lock = threading.Lock()
 
     def get(self, ref: str):
-        """The ``flexigpt.models.LoadedModel`` for ``ref`` (loads it once; ValueError for a bad ref)."""
-        ref = (ref or "").strip() or "default"
+        """The ``flexigpt.models.LoadedModel`` for ``ref`` (loads it once; ValueError for a bad or
+        not-allowed ref)."""
+        ref = limits.check_model_ref(ref)
         with self._lock:
             if ref not in self._models:
                 from flexigpt.models import load_model
@@ -49,7 +60,7 @@ class ModelRegistry:
 
     def info(self, ref: str) -> dict:
         """``flexigpt.models.model_info`` of the base model, memoised."""
-        ref = (ref or "").strip() or "default"
+        ref = limits.check_model_ref(ref)
         if ref not in self._info:
             from flexigpt.models import model_info
 
@@ -74,6 +85,7 @@ class Build:
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     recovered_steps: int = 0
+    own_bytes: int = 0  # bytes of tensors this build holds beyond the shared base weights
 
 
 @dataclass
@@ -91,10 +103,20 @@ class Work:
     _tmp: Path | None = None
 
     def tmp_dir(self) -> Path:
-        """A private folder for this visitor's downloads (removed with the session)."""
+        """This visitor's private folder for downloads (mode 0700, a 128-bit random name, removed
+        with the session). Nothing the app writes for a visitor goes anywhere else."""
         if self._tmp is None or not self._tmp.exists():
-            self._tmp = Path(tempfile.mkdtemp(prefix="flexigpt-app-"))
+            self._tmp = Path(tempfile.mkdtemp(prefix=f"flexigpt-app-{secrets.token_hex(16)}-"))
         return self._tmp
+
+    def file_path(self, name: str) -> Path:
+        """``tmp_dir() / name`` for a plain file name; a name with a path separator or ``..`` is refused."""
+        from flexigpt.export import export_path
+
+        return export_path(self.tmp_dir(), name)
+
+    def held_bytes(self) -> int:
+        return sum(b.own_bytes for b in self.builds.values())
 
     def close(self) -> None:
         self.stop.set()
@@ -109,6 +131,53 @@ _SESSIONS: dict[str, Work] = {}
 _LOCK = threading.Lock()
 
 
+_SWEEPER: threading.Thread | None = None
+
+
+def _stale(now: float, keep: str | None) -> list[Work]:
+    """Pop the sessions idle beyond ``idle_seconds`` and the least recently used beyond ``max_sessions``."""
+    lim = limits.current()
+    stale = [k for k, v in _SESSIONS.items() if k != keep and now - v.last_used > lim.idle_seconds]
+    if len(_SESSIONS) - len(stale) > lim.max_sessions:
+        by_age = sorted((v.last_used, k) for k, v in _SESSIONS.items() if k != keep and k not in stale)
+        stale += [k for _, k in by_age[: len(_SESSIONS) - len(stale) - lim.max_sessions]]
+    return [_SESSIONS.pop(k) for k in stale]
+
+
+def _free(works: list[Work]) -> None:
+    for w in works:
+        log.info("freeing session %s (%d builds, %.1f MB)", w.key[:6], len(w.builds), w.held_bytes() / MB)
+        w.close()
+    if works:
+        gc.collect()
+
+
+def sweep() -> int:
+    """Free idle sessions now; returns how many were freed."""
+    with _LOCK:
+        gone = _stale(time.monotonic(), None)
+    _free(gone)
+    return len(gone)
+
+
+def _sweep_forever() -> None:
+    while True:
+        time.sleep(SWEEP_SECONDS)
+        try:
+            sweep()
+        except Exception:  # a failed sweep must never kill the thread
+            log.exception("idle sweep failed")
+
+
+def start_sweeper() -> None:
+    """Start the background idle sweep once (``build_demo`` calls it)."""
+    global _SWEEPER
+    with _LOCK:
+        if _SWEEPER is None or not _SWEEPER.is_alive():
+            _SWEEPER = threading.Thread(target=_sweep_forever, name="flexigpt-idle-sweep", daemon=True)
+            _SWEEPER.start()
+
+
 def work(key: str) -> Work:
     """The visitor's Work (created on first use); also sweeps idle sessions."""
     now = time.monotonic()
@@ -117,13 +186,8 @@ def work(key: str) -> Work:
         if w is None:
             w = _SESSIONS[key] = Work(key=key)
         w.last_used = now
-        stale = [k for k, v in _SESSIONS.items() if k != key and now - v.last_used > IDLE_SECONDS]
-        if len(_SESSIONS) - len(stale) > MAX_SESSIONS:
-            by_age = sorted((v.last_used, k) for k, v in _SESSIONS.items() if k != key and k not in stale)
-            stale += [k for _, k in by_age[: len(_SESSIONS) - len(stale) - MAX_SESSIONS]]
-        for k in stale:
-            log.info("freeing idle session %s", k)
-            _SESSIONS.pop(k).close()
+        gone = _stale(now, key)
+    _free(gone)
     return w
 
 
@@ -138,3 +202,74 @@ def drop(key: str) -> None:
 def active_sessions() -> list[str]:
     with _LOCK:
         return list(_SESSIONS)
+
+
+# ---- resources ------------------------------------------------------------------------------------
+def own_bytes(model: Any, base: Any) -> int:
+    """Bytes of the tensors of ``model`` that are not the base model's (shared tensors count once)."""
+    shared = {t.data_ptr() for t in (*base.parameters(), *base.buffers())}
+    seen: set[int] = set()
+    total = 0
+    for t in (*model.parameters(), *model.buffers()):
+        ptr = t.data_ptr()
+        if ptr in shared or ptr in seen:
+            continue
+        seen.add(ptr)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def rss_mb() -> float:
+    """Resident memory of this server process and its children, in MB."""
+    import psutil
+
+    proc = psutil.Process(os.getpid())
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / MB
+
+
+def check_server_memory(lim: limits.Limits | None = None) -> None:
+    """Refuse a new heavy job while the server's resident memory is above the cap."""
+    lim = lim or limits.current()
+    if lim.rss_mb is None:
+        return
+    used = rss_mb()
+    if used > lim.rss_mb:
+        gc.collect()
+        used = rss_mb()
+    if used > lim.rss_mb:
+        raise ValueError(f"the server is busy: it uses {used:,.0f} MB of its {lim.rss_mb:,} MB memory limit; "
+                         "try again in a few minutes")
+
+
+def build_usage() -> tuple[int, int]:
+    """``(builds held, bytes they own)`` over every visitor."""
+    with _LOCK:
+        works = list(_SESSIONS.values())
+    return sum(len(w.builds) for w in works), sum(w.held_bytes() for w in works)
+
+
+def admit_build(key: str, names: list[str], adding_bytes: int = 0) -> None:
+    """Check that visitor ``key`` may hold builds ``names`` (replacing builds of the same name) plus
+    ``adding_bytes``; ValueError ("limit reached ...") with the numbers otherwise."""
+    lim = limits.current()
+    w = work(key)
+    replaced = [n for n in names if n in w.builds]
+    mine = len(w.builds) - len(replaced) + len(names)
+    if lim.builds_per_visitor is not None and mine > lim.builds_per_visitor:
+        raise ValueError(f"limit reached: you would hold {mine} built models, the limit is {lim.builds_per_visitor} "
+                         f"per visitor; current builds: {sorted(w.builds)}")
+    count, held = build_usage()
+    freed = sum(w.builds[n].own_bytes for n in replaced)
+    total = count - len(replaced) + len(names)
+    if lim.builds_total is not None and total > lim.builds_total:
+        raise ValueError(f"the server is busy: all visitors together would hold {total} built models, the limit is "
+                         f"{lim.builds_total}; try again in a few minutes")
+    limits.check_memory((w.held_bytes() - freed) / MB, adding_bytes / MB, lim.build_mb_per_visitor, "your built models")
+    limits.check_memory((held - freed) / MB, adding_bytes / MB, lim.build_mb_total, "the built models of all visitors")
+    check_server_memory(lim)

@@ -8,7 +8,7 @@ import os
 
 import gradio as gr
 
-from app import session, text
+from app import limits, session, text
 from app.common import CSS_PATH, session_key
 from app.tabs import Context, build, chat, compare, export, model, plan, scores, share
 
@@ -28,10 +28,26 @@ def _on_unload(request: gr.Request) -> None:
     session.drop(session_key(request))
 
 
+def limits_note(lim: limits.Limits) -> str:
+    """One line telling visitors of a public server what they may use."""
+    if not lim.public:
+        return ""
+    return (f"Public server: models {', '.join(lim.allowed_models)}; data {', '.join(lim.allowed_data)}; "
+            f"up to {lim.builds_per_visitor} built models per visitor, {lim.recover_steps} recovery steps, "
+            f"{lim.new_tokens} new tokens per reply; one model job runs at a time per {lim.heavy_jobs} slot(s), "
+            f"others wait in the queue. Your work is private to this tab and freed "
+            f"{lim.idle_seconds // 60} minutes after your last action.")
+
+
 def build_demo() -> gr.Blocks:
-    """Build the app (not launched, not queued: ``app.py`` does that)."""
-    with gr.Blocks(title="FlexiGPT Studio") as demo:
+    """Build the app (not launched, not queued: ``app.py`` does that with ``queue_options()``)."""
+    lim = limits.current()
+    session.start_sweeper()
+    # public: Gradio's own copies of downloads are deleted after an hour (checked every 10 minutes)
+    with gr.Blocks(title="FlexiGPT Studio", delete_cache=(600, 3600) if lim.public else None) as demo:
         gr.Markdown(text.INTRO, elem_id="intro")
+        if lim.public:
+            gr.Markdown(limits_note(lim), elem_id="limits-note")
         with gr.Accordion("Glossary: block, slot, donor, adapter, plan", open=False):
             gr.Markdown(text.GLOSSARY)
         ctx = Context(plan=gr.State(None), analysis_token=gr.State(""), builds_token=gr.State(0))
@@ -43,6 +59,13 @@ def build_demo() -> gr.Blocks:
     return demo
 
 
+def queue_options() -> dict:
+    """``queue()`` arguments: heavy handlers set their own shared limit (``app.common.heavy``);
+    ``max_size`` bounds the waiting line in public mode (a visitor beyond it is told the queue is full)."""
+    lim = limits.current()
+    return {"default_concurrency_limit": lim.heavy_jobs, "max_size": lim.queue_size}
+
+
 def launch_options() -> dict:
     """``launch()`` arguments: theme and css (Gradio 6 takes them at launch), host and port."""
     return {
@@ -50,4 +73,6 @@ def launch_options() -> dict:
         "server_port": int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
         "theme": gr.themes.Soft(primary_hue="blue", secondary_hue="orange"),
         "css_paths": [CSS_PATH] if CSS_PATH.is_file() else None,
+        # public: uploads beyond this never reach a handler (plan.json is tiny; there are no data uploads)
+        "max_file_size": limits.current().upload_bytes if limits.current().public else None,
     }

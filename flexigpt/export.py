@@ -14,7 +14,7 @@
 * **peft adapters** (``save_peft_adapters``): ``adapter_model.safetensors`` + ``adapter_config.json``
   in peft's naming, for inspection with the usual tools.
 
-Every write is atomic: a temporary folder next to the target, renamed at the end.
+Every write is atomic (``flexigpt.atomic``): a killed writer leaves the previous export or the new one.
 
 Paper: FlexiGPT (Smith et al., NAACL 2025), https://arxiv.org/abs/2501.14713
 """
@@ -24,11 +24,7 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +32,8 @@ import torch
 import torch.nn as nn
 
 from flexigpt.adapters import ADAPTER, OutputNorm, attach_kept_lora
+from flexigpt.atomic import atomic_dir as _atomic_dir
+from flexigpt.atomic import export_path  # noqa: F401 (re-exported)
 from flexigpt.arch import arch_of, get_blocks, get_submodule
 from flexigpt.params import measure_params
 from flexigpt.plan import Plan
@@ -43,40 +41,13 @@ from flexigpt.surgery import apply_plan, build_info
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EXPORT_FORMAT", "load_compact", "save_compact", "save_merged", "save_peft_adapters"]
+__all__ = ["EXPORT_FORMAT", "export_path", "load_compact", "save_compact", "save_merged", "save_peft_adapters"]
 
 EXPORT_FORMAT = 1
 MANIFEST = "flexigpt-export.json"
 MERGED_MANIFEST = "flexigpt-merged.json"
 WEIGHTS = "flexigpt-weights.safetensors"
 BASE_CONFIG = "base-config.json"
-
-
-@contextlib.contextmanager
-def _atomic_dir(path: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder next to ``path``; on success it replaces ``path`` by renames.
-
-    An interrupted write leaves ``path`` as it was (absent or the previous export).
-    """
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"export target {str(path)!r} is a file; expected a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ValueError(f"export folder {str(path)!r} exists and is not empty; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check(model: nn.Module, plan: Plan) -> None:
@@ -95,11 +66,12 @@ def _slot_of(name: str, prefix: str) -> int | None:
 def _canonical(model: nn.Module, plan: Plan) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Unique tensors under canonical names, and ``{alias: canonical}`` for the other names.
 
-    The canonical name of a shared tensor is its name in the donor's own slot (not in a
-    replacement slot), so the file reads like the kept blocks of the base model.
+    The canonical name of a shared tensor is its name in the donor's own slot (not in a slot
+    that shares it: a replacement, a copy or a FoldGPT group member), so the file reads like the
+    kept blocks of the base model.
     """
     prefix = arch_of(model).blocks_path + "."
-    replaced = set(plan.replaced_slots)
+    replaced = set(plan.shared_slots)
     groups: dict[tuple, list[str]] = {}
     state = model.state_dict(keep_vars=True)
     for name, t in state.items():

@@ -41,6 +41,7 @@ __all__ = [
     "load_model",
     "model_info",
     "parameter_count",
+    "refuse_remote_code",
     "tiny_llama",
     "tiny_opt",
 ]
@@ -127,11 +128,43 @@ def _convert_embedded(gguf: Path, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+_CODE_KEYS = ("auto_map",)
+_CONFIG_FILES = ("config.json", "tokenizer_config.json", "base-config.json")
+
+
+def refuse_remote_code(config: dict, where: str) -> None:
+    """Raise ValueError if a config asks for custom code (``auto_map``): it is never run.
+
+    ``trust_remote_code`` is always off; this says so clearly instead of failing deep inside
+    transformers (or, worse, a future default changing).
+    """
+    if isinstance(config, dict) and any(k in config for k in _CODE_KEYS):
+        classes = config.get("auto_map")
+        raise ValueError(f"{where} declares custom model code (auto_map: {str(classes)[:200]}); FlexiGPT never runs "
+                         "code shipped with a model (trust_remote_code is always off): use a supported architecture "
+                         "(llama, mistral, qwen2, qwen3, opt)")
+
+
+def _check_folder_configs(path: Path) -> None:
+    for name in _CONFIG_FILES:
+        f = path / name
+        if not f.is_file():
+            continue
+        if f.stat().st_size > 10_000_000:
+            raise ValueError(f"{str(f)!r} is {f.stat().st_size} bytes; a config file is at most 10,000,000")
+        try:
+            config = json.loads(f.read_bytes())
+        except (ValueError, RecursionError) as err:
+            raise ValueError(f"model folder {str(path)!r}: cannot read {name} (not valid JSON: {str(err)[:200]})") from err
+        refuse_remote_code(config, f"model folder {str(path)!r} ({name})")
+
+
 def _load_folder(path: Path, dtype: torch.dtype, device: str, source: str):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
         raise ValueError(f"model folder {str(path)!r} has no config.json; expected a Hugging Face checkpoint")
+    _check_folder_configs(path)
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except Exception as err:  # garbled json, unknown model_type...
@@ -146,9 +179,11 @@ def _load_folder(path: Path, dtype: torch.dtype, device: str, source: str):
 
 
 def _load_hub(ref: str, dtype: torch.dtype, device: str):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
     try:
+        raw, _ = PretrainedConfig.get_config_dict(ref)  # plain JSON: nothing is imported or run
+        refuse_remote_code(raw, f"model {ref!r} (config.json)")
         config = AutoConfig.from_pretrained(ref, trust_remote_code=False)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
@@ -180,7 +215,7 @@ def load_model(ref: str = "default", *, dtype: str | torch.dtype = "float32", de
     """
     if not isinstance(ref, str) or not ref.strip():
         raise ValueError(f"model reference must be a non-empty string, got {ref!r}")
-    if "://" in ref:
+    if "://" in ref or re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", ref) or ref.startswith("//") or "\x00" in ref:
         raise ValueError(f"model reference {ref!r} is a URL; pass 'default', a local folder or a hub id owner/name")
     torch_dtype = _resolve_dtype(dtype)
     start = time.perf_counter()
@@ -200,6 +235,7 @@ def load_model(ref: str = "default", *, dtype: str | torch.dtype = "float32", de
         path = Path(ref).expanduser()
         if path.is_dir():
             if (path / "plan.json").is_file() and (path / "flexigpt-export.json").is_file():
+                _check_folder_configs(path)
                 from flexigpt.export import load_compact  # lazy: export imports surgery
 
                 loaded = load_compact(path, dtype=torch_dtype, device=device)

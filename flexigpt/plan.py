@@ -11,25 +11,35 @@ donor of every slot. Three methods read it differently:
 * ``drop``: ShortGPT. ``layer_map`` is the increasing list of kept blocks; the rest are removed.
 * ``extend``: a longer map; the first occurrence of every block is the original block and each
   later occurrence is a copy that shares its weights (with its own adapters and norms).
+* ``foldgpt``: FoldGPT. Fewer slots than blocks; ``Plan.sources`` names the base block each slot
+  stands for (increasing) and ``layer_map`` the block whose weights it runs: the first member
+  of its group. Every slot has its own trainable pre-norms; there is no LoRA and no output norm.
+
+File format: version 2 added ``foldgpt`` (the ``sources`` key) and ``adapter.align``. A plan is
+written with the lowest version that expresses it, so a plan using neither is byte-for-byte the
+version-1 file older releases read; both versions load.
 
 The Plan is frozen, hashable and small (no tensors), so the app can keep it in a ``gr.State``;
 every edit returns a new Plan and all validation happens in ``Plan.__post_init__``.
 
 Paper: FlexiGPT (Smith et al., NAACL 2025), https://arxiv.org/abs/2501.14713
+FoldGPT (Liu et al., 2024), https://arxiv.org/abs/2407.00928
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["FORMAT_VERSION", "AdapterSpec", "ExtendSpec", "Plan", "extend_plan", "plan_from_analysis", "plan_from_scores"]
+__all__ = ["FORMAT_VERSION", "AdapterSpec", "ExtendSpec", "Plan", "extend_plan", "foldgpt_plan", "fold_layout",
+           "plan_from_analysis", "plan_from_scores"]
 
-FORMAT_VERSION = 1
-METHODS = ("flexigpt", "drop", "extend")
+FORMAT_VERSION = 2  # the newest plan format this version reads and writes
+READABLE_VERSIONS = (1, 2)
+METHODS = ("flexigpt", "drop", "extend", "foldgpt")
 MAX_BLOCKS = 4096  # far above any real model; guards against absurd input
 MAX_RANK = 65536
 MAX_JSON_BYTES = 1_000_000
@@ -67,7 +77,11 @@ class AdapterSpec:
             attention and MLP outputs with a tiny gamma) or ``scale`` (a learnable per-feature
             scale vector; linear, so a merged export can fold it into the out linears).
         out_norm_scale: the starting gamma / scale; small, so a slot starts near the identity.
-        train_prenorms: whether recovery trains the slot's own pre-norms.
+        train_prenorms: whether recovery trains the slot's own pre-norms (for ``foldgpt``: every
+            slot's pre-norms, the only parameters it trains).
+        align: relabel each donor's neurons and heads to line up with the pruned block before
+            the SVD (``flexigpt.align``); the adapter is folded back, so the slot still runs
+            the donor's tensors unchanged. Needs ``init="svd"``. Plan format 2.
     """
 
     rank: int = 8
@@ -76,6 +90,7 @@ class AdapterSpec:
     out_norm: Literal["layernorm", "scale"] = "layernorm"
     out_norm_scale: float = 1e-3
     train_prenorms: bool = True
+    align: bool = False
 
     def __post_init__(self) -> None:
         _int(self.rank, "adapter rank", 1, MAX_RANK)
@@ -90,6 +105,10 @@ class AdapterSpec:
         _float(self.out_norm_scale, "out_norm_scale", 0.0, 10.0)
         if not isinstance(self.train_prenorms, bool):
             raise ValueError(f"train_prenorms must be true or false, got {self.train_prenorms!r}")
+        if not isinstance(self.align, bool):
+            raise ValueError(f"align must be true or false, got {self.align!r}")
+        if self.align and self.init != "svd":
+            raise ValueError(f"align=True only changes the SVD initialisation; it needs init 'svd', got {self.init!r}")
 
 
 @dataclass(frozen=True)
@@ -115,28 +134,33 @@ class Plan:
         base_model: the model reference (``default``, a folder, a hub id).
         num_blocks: depth of the base model.
         layer_map: the donor block of every slot (see the module docstring).
-        method: ``flexigpt``, ``drop`` or ``extend``.
+        method: ``flexigpt``, ``drop``, ``extend`` or ``foldgpt``.
         adapter: the per-slot adapter and output-norm settings.
         extend: the layout of an ``extend`` plan (``None`` for other methods).
         notes: provenance, as sorted ``(key, value)`` pairs (ratio, analysis settings...).
-        format_version: the plan file format.
+        format_version: the format the plan was read as (not part of equality); ``to_json``
+            writes ``required_version``, the lowest format that expresses the plan.
+        sources: ``foldgpt`` only: the base block each slot stands for (its pre-norms come
+            from it), increasing; ``None`` for the other methods.
     """
 
     base_model: str
     num_blocks: int
     layer_map: tuple[int, ...]
-    method: Literal["flexigpt", "drop", "extend"] = "flexigpt"
+    method: Literal["flexigpt", "drop", "extend", "foldgpt"] = "flexigpt"
     adapter: AdapterSpec = field(default_factory=AdapterSpec)
     extend: ExtendSpec | None = None
     notes: tuple[tuple[str, NoteValue], ...] = ()
-    format_version: int = FORMAT_VERSION
+    format_version: int = field(default=FORMAT_VERSION, compare=False)
+    sources: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model.strip() or len(self.base_model) > 1000:
             raise ValueError(f"base_model must be a non-empty model reference, got {self.base_model!r}")
         L = _int(self.num_blocks, "num_blocks", 1, MAX_BLOCKS)
-        if isinstance(self.format_version, bool) or self.format_version != FORMAT_VERSION:
-            raise ValueError(f"unknown plan format_version {self.format_version!r}; this version reads {FORMAT_VERSION}")
+        if isinstance(self.format_version, bool) or self.format_version not in READABLE_VERSIONS:
+            raise ValueError(f"unknown plan format_version {self.format_version!r}; this version reads "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         if not isinstance(self.adapter, AdapterSpec):
@@ -158,6 +182,8 @@ class Plan:
         elif self.method == "drop":
             if any(b <= a for a, b in zip(lm, lm[1:])):
                 raise ValueError(f"a drop layer_map lists the kept blocks in increasing order without duplicates, got {list(lm)}")
+        elif self.method == "foldgpt":
+            self._check_fold()
         else:  # extend
             firsts = [b for s, b in enumerate(lm) if b not in lm[:s]]
             if firsts != list(range(L)):
@@ -166,6 +192,11 @@ class Plan:
                 )
             if len(lm) > 4 * L:
                 raise ValueError(f"an extend layer_map may have at most {4 * L} slots, got {len(lm)}")
+        if self.sources is not None and self.method != "foldgpt":
+            raise ValueError(f"sources are only valid with method 'foldgpt', got {self.sources!r} with {self.method!r}")
+        if self.format_version < self.required_version:
+            raise ValueError(f"this plan uses {'method foldgpt' if self.method == 'foldgpt' else 'adapter.align'}, "
+                             f"which needs plan format_version {self.required_version}; got {self.format_version!r}")
         if self.extend is not None and (not isinstance(self.extend, ExtendSpec) or self.method != "extend"):
             raise ValueError(f"extend settings are only valid with method 'extend', got {self.extend!r} with {self.method!r}")
         if not isinstance(self.notes, tuple) or not all(
@@ -178,10 +209,38 @@ class Plan:
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"note {k!r} must be finite, got {v!r}")
 
+    def _check_fold(self) -> None:
+        lm, src, L = self.layer_map, self.sources, self.num_blocks
+        if not isinstance(src, tuple) or len(src) != len(lm):
+            raise ValueError(f"a foldgpt plan needs sources: the base block each of its {len(lm)} slots stands for, "
+                             f"got {src!r}")
+        for s, b in enumerate(src):
+            _int(b, f"sources[{s}]", 0, L - 1)
+        if any(b <= a for a, b in zip(src, src[1:])):
+            raise ValueError(f"foldgpt sources list the kept blocks in increasing order without duplicates, got {list(src)}")
+        own = {b: d for b, d in zip(src, lm)}
+        for s, d in enumerate(lm):
+            if own.get(d) != d:
+                why = "is removed" if d not in own else f"runs block {own[d]}'s weights"
+                raise ValueError(f"slot {s} (block {src[s]}) runs block {d}'s weights, but block {d} {why}; "
+                                 "a group's weights must come from a member that runs its own")
+
     # ---- derived views --------------------------------------------------------------
     @property
     def num_slots(self) -> int:
         return len(self.layer_map)
+
+    @property
+    def required_version(self) -> int:
+        """The lowest plan format that expresses this plan (2 for foldgpt or aligned donors)."""
+        return 2 if self.method == "foldgpt" or self.adapter.align else 1
+
+    @property
+    def slot_sources(self) -> tuple[int, ...]:
+        """The base block each slot stands for (FlexiGPT: its own block; drop/extend: the block it runs)."""
+        if self.method == "foldgpt":
+            return self.sources
+        return tuple(range(self.num_blocks)) if self.method == "flexigpt" else self.layer_map
 
     @property
     def replaced_slots(self) -> tuple[int, ...]:
@@ -193,13 +252,27 @@ class Plan:
         return ()
 
     @property
+    def shared_slots(self) -> tuple[int, ...]:
+        """Slots that run another block's weights (replacements, copies, foldgpt group members)."""
+        if self.method == "foldgpt":
+            return tuple(s for s, (d, b) in enumerate(zip(self.layer_map, self.sources)) if d != b)
+        return self.replaced_slots
+
+    @property
     def dropped_blocks(self) -> tuple[int, ...]:
         """Base blocks whose own weights are not in the new model."""
         if self.method == "flexigpt":
             return self.replaced_slots
-        if self.method == "drop":
-            return tuple(b for b in range(self.num_blocks) if b not in self.layer_map)
+        if self.method in ("drop", "foldgpt"):
+            stored = set(self.layer_map)
+            return tuple(b for b in range(self.num_blocks) if b not in stored)
         return ()
+
+    @property
+    def removed_blocks(self) -> tuple[int, ...]:
+        """Base blocks no slot stands for: the depth the new model loses (drop and foldgpt)."""
+        present = set(self.slot_sources)
+        return tuple(b for b in range(self.num_blocks) if b not in present)
 
     @property
     def kept_blocks(self) -> tuple[int, ...]:
@@ -209,8 +282,25 @@ class Plan:
 
     @property
     def donors(self) -> dict[int, int]:
-        """``{slot: donor block}`` for every replaced slot (for flexigpt: ``{pruned: donor}``)."""
-        return {s: self.layer_map[s] for s in self.replaced_slots}
+        """``{slot: donor block}`` for every slot that runs another block's weights
+        (for flexigpt: ``{pruned: donor}``)."""
+        return {s: self.layer_map[s] for s in self.shared_slots}
+
+    @property
+    def groups(self) -> tuple[tuple[int, ...], ...]:
+        """Slots that run the same stored weights, one tuple per stored block, by first slot."""
+        by_block: dict[int, list[int]] = {}
+        for s, b in enumerate(self.layer_map):
+            by_block.setdefault(b, []).append(s)
+        return tuple(sorted((tuple(v) for v in by_block.values()), key=lambda g: g[0]))
+
+    @property
+    def group_size(self) -> int | None:
+        """A foldgpt plan's group size (from its notes, else its largest group); ``None`` otherwise."""
+        if self.method != "foldgpt":
+            return None
+        noted = self.note("group_size")
+        return noted if isinstance(noted, int) and not isinstance(noted, bool) else max(map(len, self.groups))
 
     def note(self, key: str, default: NoteValue = None) -> NoteValue:
         return dict(self.notes).get(key, default)
@@ -225,8 +315,11 @@ class Plan:
         return _int(block, "block", 0, self.num_blocks - 1)
 
     def drop(self, block: int, donor: int | None = None) -> Plan:
-        """Prune ``block``; for flexigpt its slot runs ``donor`` (default: the nearest kept block)."""
+        """Prune ``block``; for flexigpt its slot runs ``donor`` (default: the nearest kept block).
+        A foldgpt plan removes it and regroups the remaining blocks."""
         b = self._check_block(block)
+        if self.method == "foldgpt":
+            return self.with_method("drop").drop(b).with_method("foldgpt", group_size=self.group_size)
         if self.method == "drop":
             if b not in self.layer_map:
                 return self
@@ -247,12 +340,14 @@ class Plan:
         return dataclasses.replace(self, layer_map=tuple(lm))
 
     def keep(self, block: int) -> Plan:
-        """Restore ``block`` to its own slot."""
+        """Restore ``block`` to its own slot (a foldgpt plan regroups with it)."""
         b = self._check_block(block)
+        if self.method == "foldgpt":
+            return self.with_method("drop").keep(b).with_method("foldgpt", group_size=self.group_size)
         if self.method == "drop":
             return dataclasses.replace(self, layer_map=tuple(sorted(set(self.layer_map) | {b})))
         if self.method != "flexigpt":
-            raise ValueError(f"keep() edits flexigpt or drop plans, not {self.method!r}")
+            raise ValueError(f"keep() edits flexigpt, drop or foldgpt plans, not {self.method!r}")
         lm = list(self.layer_map)
         lm[b] = b
         return dataclasses.replace(self, layer_map=tuple(lm))
@@ -261,25 +356,36 @@ class Plan:
         """Make pruned ``block``'s slot run ``donor`` (a kept block)."""
         b = self._check_block(block)
         if self.method != "flexigpt":
-            raise ValueError(f"donors exist only in flexigpt plans, this plan's method is {self.method!r}")
+            raise ValueError(f"donors are chosen by hand only in flexigpt plans, this plan's method is {self.method!r}")
         if donor == b:
             raise ValueError(f"block {b} cannot be its own donor; use keep({b}) to restore it")
         lm = list(self.layer_map)
         lm[b] = _int(donor, "donor", 0, self.num_blocks - 1)
         return dataclasses.replace(self, layer_map=tuple(lm))
 
-    def with_method(self, method: str, donors: Mapping[int, int] | None = None) -> Plan:
-        """Switch between ``flexigpt`` and ``drop`` for the same pruned set.
+    def with_method(self, method: str, donors: Mapping[int, int] | None = None, *, group_size: int | None = None) -> Plan:
+        """Switch between ``flexigpt``, ``drop`` and ``foldgpt`` for the same pruned set.
 
         Going to ``flexigpt``, pruned blocks take ``donors[block]`` or the nearest kept block.
-        Use ``extend_plan`` to make an ``extend`` plan.
+        Going to ``foldgpt``, the kept blocks are grouped by ``group_size`` (default: the plan's
+        own, else 2). Use ``extend_plan`` to make an ``extend`` plan.
         """
-        if method == self.method:
+        if method == self.method and (method != "foldgpt" or group_size in (None, self.group_size)):
             return self
-        if method not in ("flexigpt", "drop") or self.method == "extend":
-            raise ValueError(f"with_method converts between 'flexigpt' and 'drop', got {self.method!r} -> {method!r}")
+        if method not in ("flexigpt", "drop", "foldgpt") or self.method == "extend":
+            raise ValueError(f"with_method converts between 'flexigpt', 'drop' and 'foldgpt', "
+                             f"got {self.method!r} -> {method!r}")
+        if self.method == "foldgpt":  # the same removed set as a drop plan, then on from there
+            size = self.group_size
+            plain = dataclasses.replace(self, method="drop", layer_map=self.sources, sources=None)
+            return plain.with_method(method, donors, group_size=group_size or size)
         if method == "drop":
             return dataclasses.replace(self, method="drop", layer_map=self.kept_blocks)
+        if method == "foldgpt":
+            size = _int(2 if group_size is None else group_size, "group size", 1, MAX_BLOCKS)
+            lm, sources = fold_layout(self.kept_blocks, size)
+            return dataclasses.replace(self, method="foldgpt", layer_map=lm, sources=sources,
+                                       notes=tuple(sorted((dict(self.notes) | {"group_size": size}).items())))
         kept = set(self.layer_map)
         donors = dict(donors or {})
         lm = []
@@ -289,6 +395,12 @@ class Plan:
             else:
                 lm.append(donors.get(b, min(kept, key=lambda k: (abs(k - b), k))))
         return dataclasses.replace(self, method="flexigpt", layer_map=tuple(lm))
+
+    def with_group_size(self, group_size: int) -> Plan:
+        """Regroup a foldgpt plan's kept blocks."""
+        if self.method != "foldgpt":
+            raise ValueError(f"group size applies to foldgpt plans, this plan's method is {self.method!r}")
+        return self.with_method("foldgpt", group_size=group_size)
 
     def with_rank(self, rank: int) -> Plan:
         return self.with_adapter(rank=rank)
@@ -305,16 +417,23 @@ class Plan:
 
     # ---- JSON -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format_version": self.format_version,
+        """The plan.json object, in the lowest format version that expresses the plan."""
+        adapter = {**dataclasses.asdict(self.adapter), "targets": list(self.adapter.targets)}
+        if not self.adapter.align:
+            del adapter["align"]  # format 1 has no such key
+        out = {
+            "format_version": self.required_version,
             "base_model": self.base_model,
             "num_blocks": self.num_blocks,
             "method": self.method,
             "layer_map": list(self.layer_map),
-            "adapter": {**dataclasses.asdict(self.adapter), "targets": list(self.adapter.targets)},
+            "adapter": adapter,
             "extend": None if self.extend is None else {"mode": self.extend.mode},
             "notes": dict(self.notes),
         }
+        if self.sources is not None:
+            out["sources"] = list(self.sources)
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
@@ -324,7 +443,8 @@ class Plan:
         """Strict: unknown keys, missing required keys and wrong types raise ValueError."""
         if not isinstance(obj, dict):
             raise ValueError(f"a plan must be a JSON object, got {type(obj).__name__}")
-        allowed = {"format_version", "base_model", "num_blocks", "method", "layer_map", "adapter", "extend", "notes"}
+        allowed = {"format_version", "base_model", "num_blocks", "method", "layer_map", "adapter", "extend", "notes",
+                   "sources"}
         unknown = sorted(set(obj) - allowed)
         if unknown:
             raise ValueError(f"unknown plan keys {unknown}; valid: {sorted(allowed)}")
@@ -333,6 +453,9 @@ class Plan:
             raise ValueError(f"plan is missing keys {missing}")
         if not isinstance(obj["layer_map"], list):
             raise ValueError(f"layer_map must be a list of block ids, got {obj['layer_map']!r}")
+        sources = obj.get("sources")
+        if sources is not None and not isinstance(sources, list):
+            raise ValueError(f"sources must be a list of block ids, got {sources!r}")
         adapter = obj.get("adapter") or {}
         if not isinstance(adapter, dict):
             raise ValueError(f"adapter must be an object, got {adapter!r}")
@@ -356,6 +479,7 @@ class Plan:
             base_model=obj["base_model"], num_blocks=obj["num_blocks"], layer_map=tuple(obj["layer_map"]),
             method=obj.get("method", "flexigpt"), adapter=AdapterSpec(**adapter), extend=ext,
             notes=tuple(sorted(notes.items())), format_version=obj["format_version"],
+            sources=None if sources is None else tuple(sources),
         )
 
     @classmethod
@@ -366,135 +490,29 @@ class Plan:
             raise ValueError(f"plan JSON is {len(text)} bytes; the limit is {MAX_JSON_BYTES}")
         try:
             obj = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} is not allowed")))
-        except (json.JSONDecodeError, ValueError) as err:
-            raise ValueError(f"plan is not valid JSON ({err})") from err
+        except (json.JSONDecodeError, ValueError) as err:  # also bytes that are not UTF-8
+            raise ValueError(f"plan is not valid JSON ({str(err)[:200]})") from err
+        except RecursionError as err:  # "[[[[..." nested deeper than the parser's stack
+            raise ValueError("plan is not valid JSON (nested too deeply)") from err
         return cls.from_dict(obj)
 
 
-# ---- constructors -------------------------------------------------------------------
-def _nearest_kept(block: int, kept: Sequence[int]) -> int:
-    return min(kept, key=lambda k: (abs(k - block), k))
+def fold_layout(kept: Sequence[int], group_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """FoldGPT grouping: ``(layer_map, sources)`` with ``kept`` split into runs of ``group_size``
+    consecutive kept blocks, every member running the run's first block."""
+    kept = tuple(kept)
+    size = _int(group_size, "group size", 1, MAX_BLOCKS)
+    lm = tuple(kept[i - i % size] for i in range(len(kept)))
+    return lm, kept
 
 
-def plan_from_scores(
-    base_model: str,
-    block_influence: Sequence[float],
-    ratio: float,
-    *,
-    share_error: Sequence[Sequence[float | None]] | None = None,
-    method: str = "flexigpt",
-    adapter: AdapterSpec | None = None,
-    protect: Iterable[int] = (),
-    extend_mode: str = "block",
-    notes: Mapping[str, NoteValue] | None = None,
-) -> Plan:
-    """Prune (or, for ``extend``, copy) the ``round(ratio * L)`` lowest-BI blocks.
-
-    Args:
-        base_model: model reference stored in the plan.
-        block_influence: ``(L,)`` Block Influence scores (low = removable).
-        ratio: fraction of blocks in ``[0, 0.9]``.
-        share_error: ``(L, L)`` share error (rows pruned, columns donor; ``None`` = not computed);
-            donors are its row minima over kept blocks (``flexigpt.sharing.choose_donors``).
-            Without it, or for rows with no value, each pruned block takes the nearest kept block.
-        method: ``flexigpt``, ``drop`` or ``extend``.
-        adapter: adapter settings (default ``AdapterSpec()``).
-        protect: block ids never chosen (e.g. ``(0, L - 1)``).
-        extend_mode: layout for ``extend`` (``block`` or ``sequential``).
-        notes: extra provenance stored in the plan.
-    """
-    scores = list(block_influence)
-    L = len(scores)
-    if L == 0:
-        raise ValueError("block_influence is empty")
-    for i, v in enumerate(scores):
-        _float(v, f"block_influence[{i}]", -1e6, 1e6)
-    _float(ratio, "ratio", 0.0, MAX_RATIO)
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    protected = {_int(b, "protected block", 0, L - 1) for b in protect}
-    n = int(round(ratio * L))
-    candidates = sorted((b for b in range(L) if b not in protected), key=lambda b: (scores[b], b))
-    if n > len(candidates) or (method != "extend" and n >= L):
-        raise ValueError(f"ratio {ratio} selects {n} of {L} blocks but only {len(candidates)} are unprotected")
-    chosen = sorted(candidates[:n])
-    meta = {"ratio": float(ratio), "selection": "lowest block influence", **(notes or {})}
-    adapter = adapter or AdapterSpec()
-    if method == "extend":
-        return extend_plan(base_model, L, chosen, extend_mode, adapter=adapter, notes=meta)
-    kept = [b for b in range(L) if b not in chosen]
-    if method == "drop":
-        return Plan(base_model, L, tuple(kept), "drop", adapter, notes=tuple(sorted(meta.items())))
-    donors: dict[int, int] = {}
-    if share_error is not None and chosen:
-        from flexigpt.sharing import choose_donors  # lazy: sharing imports torch
-
-        if len(share_error) != L or any(len(row) != L for row in share_error):
-            raise ValueError(f"share_error must be an {L} x {L} matrix, got {len(share_error)} rows")
-        matrix = [[float("nan") if v is None else float(v) for v in row] for row in share_error]
-        donors = choose_donors(matrix, chosen)
-        # choose_donors falls back to the nearest block for rows without values: same rule as here.
-    lm = tuple(donors.get(b, _nearest_kept(b, kept)) if b in chosen else b for b in range(L))
-    return Plan(base_model, L, lm, "flexigpt", adapter, notes=tuple(sorted(meta.items())))
+_PROPOSALS = ("extend_plan", "foldgpt_plan", "plan_from_analysis", "plan_from_scores")
 
 
-def plan_from_analysis(analysis: Mapping[str, Any], ratio: float, *, method: str = "flexigpt",
-                       adapter: AdapterSpec | None = None, protect: Iterable[int] = (), extend_mode: str = "block",
-                       metric: str | None = None, rank: int | None = None) -> Plan:
-    """A plan from an ``analysis.json`` dict (see the schema in the docs).
+def __getattr__(name: str) -> Any:
+    # The constructors live in flexigpt.proposals (they read scores; this module is the format).
+    if name in _PROPOSALS:
+        from flexigpt import proposals
 
-    Uses ``block_influence`` for the selection and the share-error matrix named by
-    ``donor_suggestion`` (its ``metric`` and ``rank``; override with ``metric``/``rank``).
-    """
-    if not isinstance(analysis, Mapping):
-        raise ValueError(f"analysis must be a JSON object, got {type(analysis).__name__}")
-    if analysis.get("format_version") != 1:
-        raise ValueError(f"unknown analysis format_version {analysis.get('format_version')!r}; expected 1")
-    for key in ("model", "num_blocks", "block_influence"):
-        if key not in analysis:
-            raise ValueError(f"analysis is missing {key!r}")
-    L = _int(analysis["num_blocks"], "analysis num_blocks", 1, MAX_BLOCKS)
-    bi = analysis["block_influence"]
-    if not isinstance(bi, list) or len(bi) != L:
-        raise ValueError(f"analysis block_influence must list {L} values, got {bi!r:.200}")
-    suggestion = analysis.get("donor_suggestion") or {}
-    se = analysis.get("share_error") or {}
-    metric = metric or suggestion.get("metric") or "relative"
-    if metric not in ("relative", "absolute", "paper"):
-        raise ValueError(f"share-error metric must be 'relative', 'absolute' or 'paper', got {metric!r}")
-    rank = rank if rank is not None else suggestion.get("rank")
-    matrix = None
-    if se and rank is not None:
-        matrix = (se.get(metric) or {}).get(str(rank))
-    notes = {"analysis_model": analysis["model"], "analysis_fingerprint": analysis.get("fingerprint"),
-             "analysis_data": analysis.get("data"), "analysis_samples": analysis.get("samples"),
-             "analysis_seq_len": analysis.get("seq_len"),
-             "donor_metric": metric if matrix is not None else "nearest kept block",
-             "donor_rank": rank if matrix is not None else None}
-    return plan_from_scores(str(analysis["model"]), bi, ratio, share_error=matrix, method=method, adapter=adapter,
-                            protect=protect, extend_mode=extend_mode, notes=notes)
-
-
-def extend_plan(base_model: str, num_blocks: int, blocks: Iterable[int], mode: str = "block", *,
-                adapter: AdapterSpec | None = None, notes: Mapping[str, NoteValue] | None = None) -> Plan:
-    """An ``extend`` plan.
-
-    ``block`` mode puts a copy right after each chosen block (..., k, k', k+1, ...);
-    ``sequential`` mode needs a contiguous span a..b and repeats it once after itself
-    (..., a..b, a'..b', b+1, ...).
-    """
-    L = _int(num_blocks, "num_blocks", 1, MAX_BLOCKS)
-    chosen = [_int(b, "extend block", 0, L - 1) for b in blocks]
-    if len(set(chosen)) != len(chosen):
-        raise ValueError(f"extend blocks contain duplicates: {chosen}")
-    chosen = sorted(chosen)
-    spec = ExtendSpec(mode)  # validates mode
-    if mode == "block":
-        lm = [x for b in range(L) for x in ((b, b) if b in chosen else (b,))]
-    else:
-        if chosen and chosen != list(range(chosen[0], chosen[-1] + 1)):
-            raise ValueError(f"sequential mode repeats a contiguous span of blocks, got {chosen}")
-        end = chosen[-1] + 1 if chosen else L
-        lm = list(range(end)) + chosen + list(range(end, L))
-    meta = {"extend_blocks": ",".join(map(str, chosen)), **(notes or {})}
-    return Plan(base_model, L, tuple(lm), "extend", adapter or AdapterSpec(), extend=spec, notes=tuple(sorted(meta.items())))
+        return getattr(proposals, name)
+    raise AttributeError(f"module 'flexigpt.plan' has no attribute {name!r}")

@@ -5,13 +5,12 @@ import time
 
 import gradio as gr
 
-from app import figures, tables, text
-from app.common import GPU, fmt_params, session_key, user_errors
-from app.session import REGISTRY, Build, work
+from app import figures, limits, tables, text
+from app.common import fmt_params, heavy, session_key, user_errors
+from app.session import MB, REGISTRY, Build, admit_build, check_server_memory, own_bytes, work
 
 PREVIEW_WINDOWS = 4
 PREVIEW_SEQ_LEN = 128
-MAX_RECOVER_STEPS = 500
 
 
 def build_name(plan) -> str:
@@ -26,7 +25,7 @@ def preview_windows(tokenizer, data_ref: str):
     """The few held-out windows every quick perplexity in this app uses (same protocol for all)."""
     from flexigpt.data import token_windows
 
-    return token_windows(tokenizer, (data_ref or "").strip() or "default", seq_len=PREVIEW_SEQ_LEN,
+    return token_windows(tokenizer, limits.check_data_ref(data_ref), seq_len=PREVIEW_SEQ_LEN,
                          split="heldout", max_windows=PREVIEW_WINDOWS)
 
 
@@ -50,14 +49,20 @@ def base_ppl(key: str, model_ref: str, data_ref: str) -> tuple[float, dict]:
 
 
 def _build_one(key: str, plan, data_ref: str) -> Build:
+    """Build one plan and keep it for the visitor, if the limits allow it (checked again with the
+    build's real size: the bytes its own tensors take beyond the shared base weights)."""
     from flexigpt.params import measure_params
     from flexigpt.surgery import apply_plan
 
+    name = build_name(plan)
+    admit_build(key, [name])
     loaded = REGISTRY.get(plan.base_model)
     model = apply_plan(loaded.model, plan)
+    size = own_bytes(model, loaded.model)
+    admit_build(key, [name], size)
     ppl, protocol = quick_ppl(model, preview_windows(loaded.tokenizer, data_ref))
-    b = Build(name=build_name(plan), plan=plan, model=model, tokenizer=loaded.tokenizer, ppl_before=ppl,
-              protocol=protocol, params=measure_params(model).to_dict())
+    b = Build(name=name, plan=plan, model=model, tokenizer=loaded.tokenizer, ppl_before=ppl,
+              protocol=protocol, params=measure_params(model).to_dict(), own_bytes=size)
     work(key).builds[b.name] = b
     return b
 
@@ -69,12 +74,15 @@ def on_build(plan, data_ref: str, also_drop: bool, token: int, request: gr.Reque
     if plan is None:
         raise ValueError("there is no plan yet: set one in tab 4 first")
     key = session_key(request)
+    data_ref = limits.check_data_ref(data_ref)
     start = time.perf_counter()
+    check_server_memory()
     progress(0.05, desc="measuring the original model")
     ppl0, protocol = base_ppl(key, plan.base_model, data_ref)
     todo = [plan]
     if also_drop and plan.method == "flexigpt" and plan.dropped_blocks:
         todo.append(plan.with_method("drop"))
+    admit_build(key, [build_name(p) for p in todo])  # the count limits, before any work
     lines = [f"Original: perplexity **{ppl0:.2f}**."]
     built = []
     for i, p in enumerate(todo):
@@ -82,6 +90,7 @@ def on_build(plan, data_ref: str, also_drop: bool, token: int, request: gr.Reque
         b = _build_one(key, p, data_ref)
         built.append(b.name)
         lines.append(f"**{b.name}**: {p.num_slots} slots, {fmt_params(b.params.get('stored'))} stored parameters; "
+                     f"{b.own_bytes / MB:.1f} MB of its own tensors; "
                      f"quick preview perplexity before recovery **{b.ppl_before:.2f}**.")
     lines.append(f"Preview protocol: {tables.protocol_text(protocol)}. Built in {time.perf_counter() - start:.1f} s.")
     names = list(work(key).builds)
@@ -99,15 +108,20 @@ def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_
     w = work(key)
     if not name or name not in w.builds:
         raise ValueError(f"build {name!r} not found; build a model first (available: {sorted(w.builds)})")
-    steps, batch, seq_len = int(steps), int(batch), int(seq_len)
-    if not 1 <= steps <= MAX_RECOVER_STEPS:
-        raise ValueError(f"steps must be in [1, {MAX_RECOVER_STEPS}] in the app, got {steps}")
+    lim = limits.current()
+    steps = limits.check_int("recovery steps", steps, 1, lim.recover_steps)
+    batch = limits.check_int("batch (windows)", batch, 1, lim.recover_batch)
+    seq_len = limits.check_int("tokens per window", seq_len, 2, lim.seq_len)
+    lr = limits.check_float("learning rate", lr, 1e-8, 1.0)
+    data_ref = limits.check_data_ref(data_ref, lim)
+    check_server_memory(lim)
     b = w.builds[name]
     if b.plan.method == "drop":
         raise ValueError(f"{name!r} is a plain drop: it has no adapters to train (recover the FlexiGPT build)")
     spec = RecoverSpec(steps=steps, lr=float(lr), batch_size=batch, seq_len=seq_len, objective="lm")
-    windows = token_windows(b.tokenizer, (data_ref or "").strip() or "default", seq_len=seq_len, split="train",
-                            max_windows=min(512, steps * batch))
+    context = getattr(b.model.config, "max_position_embeddings", None) or None
+    windows = token_windows(b.tokenizer, data_ref, seq_len=seq_len, split="train",
+                            max_windows=min(512, steps * batch), max_len=context)
     w.stop.clear()
     offset = b.steps[-1] if b.steps else 0
     token = int(token or 0)
@@ -132,7 +146,7 @@ def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_
 
 
 def on_stop(request: gr.Request = None) -> str:
-    """Ask the running recovery to end after its current step."""
+    """Ask the caller's own running recovery to end after its current step (the flag is per visitor)."""
     work(session_key(request)).stop.set()
     return "Stopping after the current step…"
 
@@ -145,8 +159,9 @@ def render(ctx) -> None:
     status = gr.Markdown("", elem_id="build-status")
     with gr.Row():
         name = gr.Dropdown([], label="model to recover", elem_id="recover-name")
-        steps = gr.Number(20, label="steps", precision=0, minimum=1, maximum=MAX_RECOVER_STEPS, elem_id="recover-steps")
-        batch = gr.Number(2, label="batch (windows)", precision=0, minimum=1, maximum=16, elem_id="recover-batch")
+        steps = gr.Number(20, label="steps", precision=None, minimum=1, maximum=limits.current().recover_steps,
+                          elem_id="recover-steps")
+        batch = gr.Number(2, label="batch (windows)", precision=None, minimum=1, maximum=limits.current().recover_batch, elem_id="recover-batch")
         seq_len = gr.Dropdown([64, 128, 256], value=128, label="tokens per window", elem_id="recover-seq")
         lr = gr.Number(5e-4, label="learning rate", elem_id="recover-lr")
     with gr.Row():
@@ -156,7 +171,7 @@ def render(ctx) -> None:
     curve = gr.Plot(label="recovery loss", elem_id="loss-plot")
     data = ctx["data_ref"]
     build.click(on_build, [ctx.plan, data, also_drop, ctx.builds_token], [status, name, ctx.builds_token],
-                concurrency_id=GPU)
+                api_name="build", **heavy())
     recover_btn.click(on_recover, [name, steps, batch, seq_len, lr, data, ctx.builds_token],
-                      [curve, rec_status, ctx.builds_token], concurrency_id=GPU)
-    stop.click(on_stop, None, [rec_status], queue=False)
+                      [curve, rec_status, ctx.builds_token], api_name="recover", **heavy())
+    stop.click(on_stop, None, [rec_status], queue=False, api_name="stop")

@@ -7,8 +7,8 @@ import time
 
 import gradio as gr
 
-from app import text
-from app.common import GPU, session_key, user_errors
+from app import limits, text
+from app.common import heavy, session_key, user_errors
 from app.session import REGISTRY, work
 
 ORIGINAL = "original"
@@ -25,8 +25,24 @@ def plain_text(content) -> str:
     return "" if content is None else str(content)
 
 
-def plain_messages(history) -> list[dict]:
-    return [{"role": m["role"], "content": plain_text(m["content"])} for m in (history or [])]
+def plain_messages(history, max_chars: int | None = None) -> list[dict]:
+    """The chat history a client sent back, checked: only user/assistant turns of text, control
+    characters removed, at most ``max_chars`` characters in all (ValueError beyond)."""
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)):
+        raise ValueError(f"chat history must be a list of messages, got {type(history).__name__}")
+    out = []
+    for i, m in enumerate(history):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            raise ValueError(f"chat history message {i} must have role 'user' or 'assistant', got {str(m)[:80]!r}")
+        content, _ = limits.clean_text(plain_text(m.get("content")), 10**9)
+        out.append({"role": m["role"], "content": content})
+    total = sum(len(m["content"]) for m in out)
+    if max_chars is not None and total > max_chars:
+        raise ValueError(f"the conversation holds {total:,} characters; the limit on this server is {max_chars:,}: "
+                         "press Clear to start a new one")
+    return out
 
 
 def merge_streams(streams):
@@ -63,29 +79,82 @@ def _model_for(key: str, name: str, model_ref: str):
         return loaded.model, loaded.tokenizer
     b = work(key).builds.get(name)
     if b is None:
-        raise ValueError(f"build {name!r} not found; build a model in tab 5 first")
+        raise ValueError(f"build {str(name)[:80]!r} not found among your builds; build a model in tab 5 first")
     return b.model, b.tokenizer
+
+
+SPECULATIVE_INFO = "the same reply as greedy decoding, drafted by the model without its shared slots"
+SPECULATIVE_OFF = "needs temperature 0 (greedy): speculative decoding here is exact only for greedy replies"
+
+
+def speculative_reply_stream(model, tokenizer, messages, max_new_tokens: int, stats: dict):
+    """One self-speculative greedy reply as a one-item stream; its statistics go into ``stats``."""
+    from flexigpt.speculative import speculative_reply
+
+    text, result = speculative_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens)
+    stats.update(drafted=result.drafted, accepted=result.accepted, rate=result.acceptance_rate,
+                 calls=result.target_calls, tokens=result.new_tokens, seconds=result.seconds)
+    yield text
+
+
+def speculative_status(stats: dict) -> str:
+    """The line under the reply: acceptance rate and timing of a speculative reply."""
+    if not stats:
+        return ""
+    tps = stats["tokens"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
+    return (f" Speculative decoding of the built model: {stats['accepted']} of {stats['drafted']} drafted tokens "
+            f"accepted (**{100 * stats['rate']:.0f} %**); {stats['tokens']} tokens from {stats['calls']} full-model "
+            f"passes in {stats['seconds']:.2f} s ({tps:.1f} tokens/s); the reply equals plain greedy decoding.")
+
+
+def on_temperature(temperature) -> dict:
+    """Speculative decoding is offered for greedy replies only."""
+    try:
+        greedy = float(temperature) <= 0
+    except (TypeError, ValueError):
+        greedy = False
+    if greedy:
+        return gr.update(interactive=True, info=SPECULATIVE_INFO)
+    return gr.update(value=False, interactive=False, info=SPECULATIVE_OFF)
 
 
 @user_errors
 def on_chat(message: str, build: str, left: list, right: list, max_new_tokens: int, temperature: float,
-            top_p: float, model_ref: str, request: gr.Request = None):
-    """Generator: stream both replies, alternating one chunk of each; yields (left, right, box, status)."""
-    from flexigpt.chat import stream_reply
+            top_p: float, model_ref: str, request: gr.Request = None, speculative: bool = False):
+    """Generator: stream both replies, alternating one chunk of each; yields (left, right, box, status).
 
-    message = (message or "").strip()
+    With ``speculative``, the built model's greedy reply is decoded self-speculatively (it arrives
+    whole) and the status line reports the acceptance rate and timing.
+    """
+    from flexigpt.chat import neutralise, stream_reply
+
+    lim = limits.current()
+    message, notes = limits.clean_text(message, lim.chat_chars)
+    message = message.strip()
     if not message:
-        raise ValueError("type a message first")
+        raise ValueError("type a message first" + (f" (your input had only {notes[0]})" if notes else ""))
     key = session_key(request)
-    if not build:
+    if not build or not isinstance(build, str):
         raise ValueError("pick a built model to talk to (build one in tab 5)")
-    base_model, tok = _model_for(key, ORIGINAL, (model_ref or "").strip() or "default")
+    base_model, tok = _model_for(key, ORIGINAL, limits.check_model_ref(model_ref, lim))
     built_model, built_tok = _model_for(key, build, model_ref)
-    settings = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p), seed=0)
-    left = plain_messages(left) + [{"role": "user", "content": message}]
-    right = plain_messages(right) + [{"role": "user", "content": message}]
-    streams = [stream_reply(base_model, tok, list(left), **settings),
-               stream_reply(built_model, built_tok, list(right), **settings)]
+    settings = dict(max_new_tokens=limits.check_int("max new tokens", max_new_tokens, 1, lim.new_tokens),
+                    temperature=limits.check_float("temperature", temperature, 0.0, 2.0),
+                    top_p=limits.check_float("top-p", top_p, 0.01, 1.0), seed=0)
+    if speculative and settings["temperature"] > 0:
+        raise ValueError(f"speculative decoding is exact only for greedy replies: set the temperature to 0 "
+                         f"(it is {settings['temperature']}) or switch speculative decoding off")
+    if neutralise(message, tok) != message:
+        notes.append("special-token text (like <|im_start|>) is shown to the models as plain text, not as a "
+                     "control token")
+    if notes:
+        gr.Warning("Your message was changed: " + "; ".join(notes) + ".")
+    left = plain_messages(left, lim.history_chars) + [{"role": "user", "content": message}]
+    right = plain_messages(right, lim.history_chars) + [{"role": "user", "content": message}]
+    stats: dict = {}
+    built_stream = (speculative_reply_stream(built_model, built_tok, list(right), settings["max_new_tokens"], stats)
+                    if speculative else stream_reply(built_model, built_tok, list(right), **settings))
+    streams = [stream_reply(base_model, tok, list(left), **settings), built_stream]
     replies, first, start = ["", ""], [None, None], time.perf_counter()
     left.append({"role": "assistant", "content": ""})
     right.append({"role": "assistant", "content": ""})
@@ -96,7 +165,9 @@ def on_chat(message: str, build: str, left: list, right: list, max_new_tokens: i
         left[-1]["content"], right[-1]["content"] = replies
         yield left, right, "", "streaming…"
     firsts = ", ".join(f"{n}: {'n/a' if f is None else f'{f:.1f} s'}" for n, f in zip((ORIGINAL, build), first))
-    yield left, right, "", f"First token after {firsts}; total {time.perf_counter() - start:.1f} s."
+    note = f" Note: your message was changed: {'; '.join(notes)}." if notes else ""
+    yield (left, right, "",
+           f"First token after {firsts}; total {time.perf_counter() - start:.1f} s.{speculative_status(stats)}{note}")
 
 
 def on_builds(token=None, request: gr.Request = None):
@@ -108,9 +179,12 @@ def render(ctx) -> None:
     gr.Markdown(text.CHAT_HELP)
     with gr.Row():
         build = gr.Dropdown([], label="built model", elem_id="chat-build")
-        max_new = gr.Slider(8, 256, value=64, step=8, label="max new tokens", elem_id="chat-max")
+        max_new = gr.Slider(8, min(256, limits.current().new_tokens), value=64, step=8, label="max new tokens",
+                            elem_id="chat-max")
         temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.1, label="temperature (0 = greedy)", elem_id="chat-temp")
         top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="top-p", elem_id="chat-top-p")
+        speculative = gr.Checkbox(False, label="speculative decoding (exact, faster)", info=SPECULATIVE_INFO,
+                                  elem_id="chat-speculative")
     with gr.Row():
         left = gr.Chatbot(label="original model", elem_id="chat-original", height=360)
         right = gr.Chatbot(label="built model", elem_id="chat-built", height=360)
@@ -119,9 +193,10 @@ def render(ctx) -> None:
         send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
         clear = gr.Button("Clear", scale=1, elem_id="chat-clear")
     status = gr.Markdown("", elem_id="chat-status")
-    inputs = [box, build, left, right, max_new, temperature, top_p, ctx["model_ref"]]
+    inputs = [box, build, left, right, max_new, temperature, top_p, ctx["model_ref"], speculative]
     outputs = [left, right, box, status]
-    send.click(on_chat, inputs, outputs, concurrency_id=GPU)
-    box.submit(on_chat, inputs, outputs, concurrency_id=GPU)
+    send.click(on_chat, inputs, outputs, api_name="chat", **heavy())
+    box.submit(on_chat, inputs, outputs, **heavy())
     clear.click(lambda: ([], [], ""), None, [left, right, status], queue=False)
-    ctx.builds_token.change(on_builds, [ctx.builds_token], [build], queue=False)
+    temperature.change(on_temperature, [temperature], [speculative], queue=False, show_progress="hidden")
+    ctx.builds_token.change(on_builds, [ctx.builds_token], [build], queue=False, api_name="chat_builds")

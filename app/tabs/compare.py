@@ -6,7 +6,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from app import figures, tables, text
-from app.common import GPU, session_key, user_errors
+from app.common import heavy, session_key, user_errors
 from app.session import REGISTRY, work
 
 
@@ -66,4 +66,4 @@ def render(ctx) -> None:
     fig = gr.Plot(label="comparison", elem_id="compare-plot")
     ctx.builds_token.change(on_refresh, [ctx.builds_token], [table, fig], queue=False)
     refresh.click(on_refresh, [ctx.builds_token], [table, fig], queue=False)
-    speed.click(on_speed, None, [table, fig], concurrency_id=GPU)
+    speed.click(on_speed, None, [table, fig], api_name="speed", **heavy())

@@ -5,9 +5,9 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app import figures, tables, text
-from app.common import GPU, fmt_params, session_key, user_errors
-from app.session import REGISTRY, work
+from app import figures, limits, tables, text
+from app.common import fmt_params, heavy, session_key, user_errors
+from app.session import REGISTRY, check_server_memory, work
 
 
 def model_markdown(ref: str, info: dict, load_seconds: float | None = None) -> str:
@@ -24,10 +24,12 @@ def on_load(model_ref: str, data_ref: str, request: gr.Request = None) -> tuple[
     """Load the base model (once per reference) and check the calibration data exists."""
     from flexigpt.data import load_text
 
-    model_ref = (model_ref or "").strip() or "default"
-    data_ref = (data_ref or "").strip() or "default"
-    load_text(data_ref)  # a missing or binary file fails here with a clear message
+    model_ref = limits.check_model_ref(model_ref)
+    data_ref = limits.check_data_ref(data_ref)
+    load_text(data_ref)  # a missing, empty or binary file fails here with a clear message
     fresh = not REGISTRY.loaded(model_ref)
+    if fresh:
+        check_server_memory()
     loaded = REGISTRY.get(model_ref)
     info = REGISTRY.info(model_ref)
     work(session_key(request))
@@ -50,5 +52,4 @@ def render(ctx) -> None:
         stack = gr.Plot(label="block stack", elem_id="stack-plot", scale=3)
         table = gr.Dataframe(label="model summary", interactive=False, elem_id="model-table", scale=2)
     ctx.components.update(model_ref=model_ref, data_ref=data_ref, model_summary=summary)
-    load.click(on_load, [model_ref, data_ref], [summary, table, stack], concurrency_id=GPU,
-               api_name="load_model")
+    load.click(on_load, [model_ref, data_ref], [summary, table, stack], api_name="load_model", **heavy())

@@ -12,11 +12,12 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app import figures, tables, text
+from app import figures, limits, tables, text
 from app.common import PLANS_DIR, fmt_params, session_key, user_errors
 from app.session import REGISTRY, work
 
-METHODS = {"FlexiGPT (share a donor + adapter)": "flexigpt", "drop (ShortGPT)": "drop", "extend (copy blocks)": "extend"}
+METHODS = {"FlexiGPT (share a donor + adapter)": "flexigpt", "drop (ShortGPT)": "drop", "extend (copy blocks)": "extend",
+           "FoldGPT (remove, then share in groups)": "foldgpt"}
 METHOD_LABEL = {v: k for k, v in METHODS.items()}
 AUTO = "auto (suggested)"
 
@@ -28,28 +29,66 @@ def _analysis(key: str) -> dict:
     return analysis
 
 
+def _gates(analysis: dict) -> list[float] | None:
+    """The FoldGPT gates trained in tab 2 for this analysis, if any."""
+    gates = (analysis.get("foldgpt_gates") or {}).get("gates")
+    return list(gates) if gates and len(gates) == analysis.get("num_blocks") else None
+
+
 @user_errors
-def on_propose(ratio: float, method_label: str, rank: int, request: gr.Request = None):
-    """A fresh plan from the stored analysis: prune (or copy) the lowest-BI ``ratio`` of blocks."""
-    from flexigpt.plan import AdapterSpec, plan_from_analysis
+def on_propose(ratio: float, method_label: str, rank: int, request: gr.Request = None, group_size: int = 2,
+               align: bool = False):
+    """A fresh plan from the stored analysis: prune (or copy) the lowest-BI ``ratio`` of blocks;
+    FoldGPT removes the lowest-gated blocks when gates were trained in tab 2."""
+    from flexigpt.plan import AdapterSpec, foldgpt_plan, plan_from_analysis
 
     analysis = _analysis(session_key(request))
     method = METHODS.get(method_label, method_label)
-    return plan_from_analysis(analysis, float(ratio), method=method, adapter=AdapterSpec(rank=int(rank)))
+    ratio = limits.check_float("prune ratio", ratio, 0.0, 0.9)
+    rank = limits.check_int("adapter rank", rank, 1, 4096)
+    if method == "foldgpt":
+        size = limits.check_int("group size", group_size, 1, 64)
+        gates = _gates(analysis)
+        if gates is not None:
+            steps = (analysis.get("foldgpt_gates") or {}).get("steps")
+            return foldgpt_plan(str(analysis["model"]), gates, ratio, size, adapter=AdapterSpec(rank=rank),
+                                notes={"gates_steps": steps, "analysis_data": analysis.get("data")})
+        return plan_from_analysis(analysis, ratio, method="foldgpt", adapter=AdapterSpec(rank=rank), group_size=size)
+    return plan_from_analysis(analysis, ratio, method=method, adapter=AdapterSpec(rank=rank, align=bool(align)))
 
 
 @user_errors
-def on_method(plan, method_label: str, ratio: float, rank: int, request: gr.Request = None):
-    """Switch method; FlexiGPT <-> drop keep the hand-edited pruned set, extend re-proposes."""
+def on_method(plan, method_label: str, ratio: float, rank: int, request: gr.Request = None, group_size: int = 2,
+              align: bool = False):
+    """Switch method; FlexiGPT <-> drop (and FoldGPT -> either) keep the hand-edited pruned set;
+    extend and FoldGPT re-propose (FoldGPT from its gates when trained)."""
     method = METHODS.get(method_label, method_label)
-    if plan is None or method == "extend" or plan.method == "extend":
-        return on_propose.__wrapped__(ratio, method_label, rank, request)
+    if plan is None or method in ("extend", "foldgpt") or plan.method == "extend":
+        return on_propose.__wrapped__(ratio, method_label, rank, request, group_size, align)
     donors = None
     analysis = work(session_key(request)).analysis
     if method == "flexigpt" and analysis is not None:
         sugg = (analysis.get("donor_suggestion") or {}).get("donors") or {}
-        donors = {int(k): int(v) for k, v in sugg.items() if int(v) in plan.kept_blocks}
-    return plan.with_method(method, donors)
+        kept = set(plan.with_method("drop").layer_map)  # blocks that keep their own slot
+        donors = {int(k): int(v) for k, v in sugg.items() if int(v) in kept}
+    new = plan.with_method(method, donors)
+    return new.with_adapter(align=bool(align)) if method == "flexigpt" else new
+
+
+@user_errors
+def on_group_size(plan, group_size):
+    """Regroup a FoldGPT plan's kept blocks (other plans are unchanged)."""
+    if plan is None or plan.method != "foldgpt":
+        return plan
+    return plan.with_group_size(limits.check_int("group size", group_size, 1, 64))
+
+
+@user_errors
+def on_align(plan, align: bool):
+    """Permutation-aligned donors for the adapter initialisation (FlexiGPT plans only)."""
+    if plan is None or plan.method != "flexigpt":
+        return plan
+    return plan.with_adapter(align=bool(align))
 
 
 @user_errors
@@ -57,9 +96,7 @@ def on_rank(plan, rank):
     """Change the adapter rank (validated by the Plan and, at render, against the model's shapes)."""
     if plan is None:
         return None
-    if rank is None or float(rank) != int(float(rank)):
-        raise ValueError(f"adapter rank must be a whole number, got {rank!r}")
-    return plan.with_rank(int(float(rank)))
+    return plan.with_rank(limits.check_int("adapter rank", rank, 1, 4096))
 
 
 OUT_NORMS = {"layernorm (paper)": "layernorm", "scale (mergeable into a plain checkpoint)": "scale"}
@@ -82,15 +119,12 @@ def on_edit(plan, block, action: str, donor):
     """Keep or prune one block, optionally with a hand-picked donor (0-based ids)."""
     if plan is None:
         raise ValueError("there is no plan yet: score the blocks and move the ratio slider first")
-    try:
-        b = int(block)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"pick a block id 0..{plan.num_blocks - 1}, got {block!r}") from err
+    b = limits.check_int("block", block, 0, plan.num_blocks - 1)
     if action == "keep":
         return plan.keep(b)
     if action != "prune":
         raise ValueError(f"action must be 'keep' or 'prune', got {action!r}")
-    d = None if donor in (None, "", AUTO) else int(donor)
+    d = None if donor in (None, "", AUTO) else limits.check_int("donor", donor, 0, plan.num_blocks - 1)
     if plan.method == "flexigpt" and b in plan.dropped_blocks and d is not None:
         return plan.with_donor(b, d)
     return plan.drop(b, d) if plan.method == "flexigpt" else plan.drop(b)
@@ -100,8 +134,11 @@ def on_pick_block(plan, block):
     """When a block is picked: show its current action and the donors it may use."""
     if plan is None or block in (None, ""):
         return gr.update(), gr.update(choices=[AUTO], value=AUTO)
-    b = int(block)
-    pruned = b in plan.dropped_blocks
+    try:
+        b = limits.check_int("block", block, 0, plan.num_blocks - 1)
+    except ValueError:
+        return gr.update(), gr.update(choices=[AUTO], value=AUTO)
+    pruned = b in (plan.removed_blocks if plan.method == "foldgpt" else plan.dropped_blocks)
     kept = [k for k in plan.kept_blocks if k != b]
     current = plan.layer_map[b] if plan.method == "flexigpt" and pruned else AUTO
     return gr.update(value="prune" if pruned else "keep"), gr.update(choices=[AUTO] + kept, value=current)
@@ -115,6 +152,14 @@ def plan_message(plan, info: dict, counts) -> str:
         pairs = ", ".join(f"{b}←{d}" for b, d in sorted(plan.donors.items())) or "none"
         lines.append(f"**FlexiGPT**: {len(plan.dropped_blocks)} of {plan.num_blocks} blocks pruned; their slots "
                      f"reuse a donor (pruned ← donor, 0-based): {pairs}; adapter rank {plan.adapter.rank}.")
+    elif plan.method == "foldgpt":
+        groups = [g for g in plan.groups if len(g) > 1]
+        shown = "; ".join(f"slots {', '.join(map(str, g))} (blocks {', '.join(str(plan.sources[s]) for s in g)}) run "
+                          f"block {plan.layer_map[g[0]]}'s weights" for g in groups) or "none"
+        lines.append(f"**FoldGPT** ({plan.note('selection') or 'lowest scores'}): blocks "
+                     f"{', '.join(map(str, plan.removed_blocks)) or 'none'} (0-based) removed; the {plan.num_slots} "
+                     f"kept blocks share weights in groups of up to {plan.group_size}: {shown}. Every slot keeps its "
+                     "own pre-norms, the only parameters recovery trains (use the distill objective for the cure).")
     elif plan.method == "drop":
         lines.append(f"**drop**: blocks {', '.join(map(str, plan.dropped_blocks)) or 'none'} (0-based) removed; "
                      f"{plan.num_slots} blocks remain.")
@@ -129,7 +174,7 @@ def plan_message(plan, info: dict, counts) -> str:
         warn = degeneracy_warning({int(k): int(v) for k, v in plan.donors.items()})
         if warn:
             lines.append(f"⚠️ {warn}")
-    if 0 in plan.dropped_blocks:
+    if 0 in (plan.removed_blocks if plan.method == "foldgpt" else plan.dropped_blocks):
         lines.append("⚠️ block 0 is pruned: the first block usually matters most (highest BI).")
     return "\n\n".join(lines)
 
@@ -149,9 +194,9 @@ def on_render(plan, request: gr.Request = None):
     counts = estimate_params(plan, info)
     analysis = work(session_key(request)).analysis
     bi = analysis["block_influence"] if analysis and analysis.get("num_blocks") == plan.num_blocks else None
-    fig = figures.slot_map(plan.num_blocks, plan.layer_map, plan.replaced_slots)
+    fig = figures.slot_map(plan.num_blocks, plan.layer_map, plan.replaced_slots, sources=plan.sources)
     params = tables.params_table(counts.to_dict(), base_total=info["num_parameters"])
-    table = tables.plan_table(plan.num_blocks, plan.layer_map, plan.method, bi)
+    table = tables.plan_table(plan.num_blocks, plan.layer_map, plan.method, bi, sources=plan.sources)
     path = work(session_key(request)).tmp_dir() / "plan.json"
     path.write_text(plan.to_json())
     blocks = gr.update(choices=list(range(plan.num_blocks)))
@@ -165,7 +210,14 @@ def on_upload(file, request: gr.Request = None):
 
     if file is None:
         raise ValueError("no file received")
+    if isinstance(file, dict):  # an API client may send Gradio's FileData as a dict
+        file = file.get("path") or file.get("name")
     path = Path(getattr(file, "name", file))
+    if not path.is_file():
+        raise ValueError("the uploaded file could not be read")
+    size, cap = path.stat().st_size, limits.current().upload_bytes
+    if size > cap:
+        raise ValueError(f"plan.json is {size:,} bytes; the limit on this server is {cap:,} bytes")
     plan = Plan.from_json(path.read_bytes())
     info = REGISTRY.info(plan.base_model)
     if info["num_blocks"] != plan.num_blocks:
@@ -177,12 +229,22 @@ def _views(plan, request) -> tuple:
     return (plan, *on_render(plan, request))
 
 
-def propose_view(ratio: float, method_label: str, rank: int, request: gr.Request = None) -> tuple:
-    return _views(on_propose(ratio, method_label, rank, request), request)
+def propose_view(ratio: float, method_label: str, rank: int, group_size: int = 2, align: bool = False,
+                 request: gr.Request = None) -> tuple:
+    return _views(on_propose(ratio, method_label, rank, request, group_size, align), request)
 
 
-def method_view(plan, method_label: str, ratio: float, rank: int, request: gr.Request = None) -> tuple:
-    return _views(on_method(plan, method_label, ratio, rank, request), request)
+def method_view(plan, method_label: str, ratio: float, rank: int, group_size: int = 2, align: bool = False,
+                request: gr.Request = None) -> tuple:
+    return _views(on_method(plan, method_label, ratio, rank, request, group_size, align), request)
+
+
+def group_size_view(plan, group_size, request: gr.Request = None) -> tuple:
+    return _views(on_group_size(plan, group_size), request)
+
+
+def align_view(plan, align: bool, request: gr.Request = None) -> tuple:
+    return _views(on_align(plan, align), request)
 
 
 def rank_view(plan, rank, request: gr.Request = None) -> tuple:
@@ -211,9 +273,12 @@ def render(ctx) -> None:
         ratio = gr.Slider(0.0, 0.6, value=0.3, step=0.05, label="prune ratio (fraction of blocks)", elem_id="ratio")
         method = gr.Radio(list(METHODS), value=list(METHODS)[0], label="method", elem_id="method")
         with gr.Column():
-            rank = gr.Number(8, label="adapter rank r", precision=0, minimum=1, elem_id="rank")
+            rank = gr.Number(8, label="adapter rank r", precision=None, minimum=1, elem_id="rank")
             out_norm = gr.Dropdown(list(OUT_NORMS), value=list(OUT_NORMS)[0], label="output norm of replacement slots",
                                    elem_id="out-norm")
+            align = gr.Checkbox(False, label="align donors (permutation) before fitting the adapter", elem_id="align")
+            group_size = gr.Number(2, label="FoldGPT group size (kept blocks sharing one block's weights)",
+                                   precision=0, minimum=1, elem_id="group-size")
     message = gr.Markdown("No plan yet.", elem_id="plan-message")
     slots = gr.Plot(label="resulting stack", elem_id="slots-plot")
     with gr.Row():
@@ -245,12 +310,16 @@ def render(ctx) -> None:
     # so "editors write the State, State.change renders" would need two queued round trips.)
     fast = dict(queue=False, show_progress="hidden")
     out = [ctx.plan, *views]
-    ctx.analysis_token.change(propose_view, [ratio, method, rank], out, **fast)
-    ratio.release(propose_view, [ratio, method, rank], out, **fast)
-    method.input(method_view, [ctx.plan, method, ratio, rank], out, **fast)
-    rank.submit(rank_view, [ctx.plan, rank], out, **fast)
+    proposing = [ratio, method, rank, group_size, align]
+    ctx.analysis_token.change(propose_view, proposing, out, **fast)
+    ratio.release(propose_view, proposing, out, api_name="propose", **fast)
+    method.input(method_view, [ctx.plan, method, ratio, rank, group_size, align], out, api_name="plan_method", **fast)
+    group_size.submit(group_size_view, [ctx.plan, group_size], out, api_name="plan_group_size", **fast)
+    group_size.blur(group_size_view, [ctx.plan, group_size], out, **fast)
+    align.input(align_view, [ctx.plan, align], out, api_name="plan_align", **fast)
+    rank.submit(rank_view, [ctx.plan, rank], out, api_name="plan_rank", **fast)
     rank.blur(rank_view, [ctx.plan, rank], out, **fast)
-    out_norm.input(out_norm_view, [ctx.plan, out_norm], out, **fast)
+    out_norm.input(out_norm_view, [ctx.plan, out_norm], out, api_name="plan_out_norm", **fast)
     block.input(on_pick_block, [ctx.plan, block], [action, donor], **fast)
-    apply.click(edit_view, [ctx.plan, block, action, donor], out, **fast)
-    upload.upload(upload_view, [upload], out, **fast)
+    apply.click(edit_view, [ctx.plan, block, action, donor], out, api_name="edit_plan", **fast)
+    upload.upload(upload_view, [upload], out, api_name="upload_plan", **fast)

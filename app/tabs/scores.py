@@ -8,8 +8,8 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app import figures, tables, text
-from app.common import GPU, session_key, user_errors
+from app import figures, limits, tables, text
+from app.common import heavy, session_key, user_errors
 from app.session import REGISTRY, work
 
 SEQ_LENS = (64, 128, 256)
@@ -35,13 +35,14 @@ def run_analysis(model_ref: str, data_ref: str, *, samples: int, seq_len: int, r
     """
     from flexigpt.analysis import analyze
 
-    model_ref = (model_ref or "").strip() or "default"
-    data_ref = (data_ref or "").strip() or "default"
-    if int(seq_len) not in SEQ_LENS:
+    lim = limits.current()
+    model_ref = limits.check_model_ref(model_ref, lim)
+    data_ref = limits.check_data_ref(data_ref, lim)
+    seq_len = limits.check_int("tokens per window", seq_len, 2, lim.seq_len)
+    if seq_len not in SEQ_LENS:
         raise ValueError(f"sequence length must be one of {SEQ_LENS}, got {seq_len!r}")
-    samples = int(samples)
-    if not 1 <= samples <= 256:
-        raise ValueError(f"samples must be in [1, 256], got {samples!r}")
+    samples = limits.check_int("calibration windows", samples, 1, lim.score_windows)
+    ranks = tuple(limits.check_int("rank", r, 1, 1024) for r in ranks)
     w = work(key)
     want = (model_ref, data_ref, samples, int(seq_len), tuple(sorted(ranks)), bool(ppl_drop),
             (pairs, tuple(pruned or ())) if ranks else None)
@@ -52,6 +53,9 @@ def run_analysis(model_ref: str, data_ref: str, *, samples: int, seq_len: int, r
         if (have[:4] == want[:4] and set(want[4]) <= set(have[4]) and (have[5] or not want[5])
                 and (not want[4] or have[6] == want[6])):
             return w.analysis, time.perf_counter() - start, True
+    from app.session import check_server_memory
+
+    check_server_memory(lim)
     loaded = REGISTRY.get(model_ref)
 
     def report(fraction: float, message: str = "") -> None:
@@ -100,9 +104,44 @@ def on_score(model_ref: str, data_ref: str, samples: int, seq_len: int, ppl_drop
     return status_line(analysis, seconds, kept), bar, table, tri, sim, analysis_token(analysis)
 
 
+@user_errors
+def on_gates(steps: int, budget: float, request: gr.Request = None, progress=gr.Progress()):
+    """Train FoldGPT block gates for a few steps on the calibration windows of the current scores;
+    returns (status, bar figure, table, analysis token)."""
+    from flexigpt.data import token_windows
+    from flexigpt.gates import GateSpec, train_gates
+    from flexigpt.surgery import structural_copy
+
+    key = session_key(request)
+    analysis = work(key).analysis
+    if analysis is None:
+        raise ValueError("no block scores yet: press 'Score blocks' first (the gates train on the same windows)")
+    lim = limits.current()
+    spec = GateSpec(ratio=limits.check_float("gate budget", budget, 0.0, 0.9),
+                    steps=limits.check_int("gate steps", steps, 1, 200))
+    from app.session import check_server_memory
+
+    check_server_memory(lim)
+    loaded = REGISTRY.get(str(analysis["model"]))
+    windows = token_windows(loaded.tokenizer, str(analysis.get("data") or "default"), seq_len=int(analysis["seq_len"]),
+                            split="train", max_windows=int(analysis["samples"]))
+    # the gates hook a structural copy (own modules, the same tensors): the shared base stays untouched
+    result = train_gates(structural_copy(loaded.model), windows.input_ids, spec,
+                         progress=lambda f, msg: progress(f, desc=msg))
+    analysis["foldgpt_gates"] = {"gates": result.gates, "steps": spec.steps, "ratio": spec.ratio,
+                                 "losses": result.losses, "seconds": round(result.seconds, 2)}
+    bar, table, _, _ = score_views(analysis)
+    low = result.removal_order()[:5]
+    status = (f"FoldGPT gates trained for {spec.steps} steps in {result.seconds:.1f} s on the same calibration windows "
+              f"(loss {result.losses[0]:.3f} → {result.losses[-1]:.3f}). Lowest gates (most removable first): blocks "
+              f"**{', '.join(map(str, low))}** (0-based). The Plan tab's FoldGPT method now removes the lowest-gated blocks.")
+    return status, bar, table, analysis_token(analysis)
+
+
 def render(ctx) -> None:
     with gr.Row():
-        samples = gr.Slider(4, 64, value=16, step=4, label="calibration windows", elem_id="samples")
+        samples = gr.Slider(4, min(64, limits.current().score_windows), value=16, step=4, label="calibration windows",
+                            elem_id="samples")
         seq_len = gr.Dropdown(list(SEQ_LENS), value=128, label="tokens per window", elem_id="seq-len")
         ppl_drop = gr.Checkbox(False, label="also measure the loss increase when each block is removed (slower)",
                                elem_id="ppl-drop")
@@ -112,6 +151,13 @@ def render(ctx) -> None:
     bar = gr.Plot(label="per-block scores", elem_id="scores-plot")
     with gr.Accordion("Scores as a table", open=False):
         table = gr.Dataframe(interactive=False, elem_id="scores-table")
+    with gr.Accordion("FoldGPT gate: a second score, trained (a few seconds per step)", open=False):
+        gr.Markdown(text.SCORES_HELP["gates"])
+        with gr.Row():
+            gate_steps = gr.Slider(2, 60, value=10, step=1, label="gate training steps", elem_id="gate-steps")
+            gate_budget = gr.Slider(0.1, 0.6, value=0.3, step=0.05, label="gate budget (share of blocks to switch off)",
+                                    elem_id="gate-budget")
+            gates = gr.Button("Train FoldGPT gates", elem_id="gates-btn")
     with gr.Row():
         with gr.Column():
             gr.Markdown(text.SCORES_HELP["angular"])
@@ -121,4 +167,6 @@ def render(ctx) -> None:
             sim = gr.Plot(label="block similarity", elem_id="similarity-plot")
     ctx.components.update(score_status=status, scores_plot=bar, samples=samples, seq_len=seq_len)
     score.click(on_score, [ctx["model_ref"], ctx["data_ref"], samples, seq_len, ppl_drop],
-                [status, bar, table, tri, sim, ctx.analysis_token], concurrency_id=GPU, api_name="score")
+                [status, bar, table, tri, sim, ctx.analysis_token], api_name="score", **heavy())
+    gates.click(on_gates, [gate_steps, gate_budget], [status, bar, table, ctx.analysis_token], api_name="gates",
+                **heavy())

@@ -5,7 +5,7 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from app import figures, text
-from app.common import GPU, session_key, user_errors
+from app.common import heavy, session_key, user_errors
 from app.session import work
 from app.tabs.scores import analysis_token, run_analysis
 
@@ -109,6 +109,8 @@ def on_compute(model_ref: str, data_ref: str, samples: int, seq_len: int, ranks:
 
     ``pairs`` is ``subset`` (the plan's pruned blocks x the kept ones: fast) or ``all``.
     """
+    if not isinstance(ranks, (list, tuple, type(None))) or len(ranks or ()) > len(RANK_CHOICES):
+        raise ValueError(f"pick up to {len(RANK_CHOICES)} ranks from {list(RANK_CHOICES)}, got {ranks!r:.100}")
     ranks = tuple(sorted({int(r) for r in (ranks or [])}))
     if not ranks:
         raise ValueError("pick at least one rank, e.g. 8 or 32")
@@ -137,7 +139,7 @@ def render(ctx) -> None:
     donors_md = gr.Markdown("", elem_id="share-donors")
     inputs = [metric, rank, view, ctx.plan]
     compute.click(on_compute, [ctx["model_ref"], ctx["data_ref"], ctx["samples"], ctx["seq_len"], ranks, pairs, ctx.plan],
-                  [status, ctx.analysis_token], concurrency_id=GPU)
+                  [status, ctx.analysis_token], api_name="share_error", **heavy())
     ctx.analysis_token.change(on_refresh, inputs, [rank, view, fig, donors_md], queue=False)
     for comp in (metric, rank, view):
         comp.input(on_share_view, inputs, [fig, donors_md], queue=False)
