@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -121,10 +120,8 @@ def test_embedded_default_model(smollm):
     assert info["num_parameters"] == 134_515_008
     assert info["tied_embeddings"] is True and info["chat_template"] is True
     assert info["hidden_size"] == 576
-    # a cached second load is fast and gives the same weights
-    start = time.perf_counter()
+    # a second load reads the cached conversion and gives the same weights
     again = load_model("default")
-    assert time.perf_counter() - start < 10
     assert again.source == "embedded-cache"
     assert fingerprint(again.model) == fingerprint(smollm.model)
 

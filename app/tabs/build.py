@@ -116,8 +116,9 @@ def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_
     data_ref = limits.check_data_ref(data_ref, lim)
     check_server_memory(lim)
     b = w.builds[name]
+    note = ""
     if b.plan.method == "drop":
-        raise ValueError(f"{name!r} is a plain drop: it has no adapters to train (recover the FlexiGPT build)")
+        note = _attach_baseline_lora(b)
     spec = RecoverSpec(steps=steps, lr=float(lr), batch_size=batch, seq_len=seq_len, objective="lm")
     context = getattr(b.model.config, "max_position_embeddings", None) or None
     windows = token_windows(b.tokenizer, data_ref, seq_len=seq_len, split="train",
@@ -125,7 +126,7 @@ def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_
     w.stop.clear()
     offset = b.steps[-1] if b.steps else 0
     token = int(token or 0)
-    yield figures.loss_curve(b.steps, b.losses, name), f"Recovering **{name}**: starting…", token
+    yield figures.loss_curve(b.steps, b.losses, name), f"Recovering **{name}**: starting…{note}", token
     last = None
     for log in recover(b.model, windows, spec, should_stop=w.stop.is_set):
         last = log
@@ -142,7 +143,26 @@ def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_
     took = f" in {last.elapsed_s:.1f} s" if last is not None else ""
     yield (figures.loss_curve(b.steps, b.losses, f"Recovery loss: {name}"),
            f"Recovery {done} after {b.recovered_steps} steps{took}. Preview perplexity: "
-           f"{b.ppl_before:.2f} before → **{ppl:.2f}** after.", token + 1)
+           f"{b.ppl_before:.2f} before → **{ppl:.2f}** after.{note}", token + 1)
+
+
+def _attach_baseline_lora(b: Build) -> str:
+    """A plain drop has nothing to train; recovering it makes it the ShortGPT + LoRA baseline: LoRA on
+    the kept blocks at the rank whose trainable count matches the same blocks built as FlexiGPT."""
+    from flexigpt.adapters import attach_kept_lora
+    from flexigpt.params import matched_lora_rank, measure_params
+    from flexigpt.surgery import build_info
+
+    info = build_info(b.model)
+    if info.kept_lora is None:
+        loaded = REGISTRY.get(b.plan.base_model)
+        rank = matched_lora_rank(b.plan, loaded.model)
+        attach_kept_lora(b.model, rank)
+        b.params = measure_params(b.model).to_dict()
+    rank = build_info(b.model).kept_lora["rank"]
+    return (f" (ShortGPT + LoRA baseline: LoRA rank {rank} on the {b.plan.num_slots} kept blocks, "
+            f"{fmt_params(b.params.get('trainable'))} trainable parameters, matched to the FlexiGPT "
+            f"build of the same blocks at adapter rank {b.plan.adapter.rank})")
 
 
 def on_stop(request: gr.Request = None) -> str:
