@@ -124,7 +124,7 @@ def scores_bar(scores: Mapping[str, Sequence[float | None]], marked: Sequence[in
 
     Args:
         scores: ``{"block_influence": [L], "angular_distance_1": [L] (optional),
-            "nll_increase": [L] or None}``; one entry per block, 0-based order.
+            "nll_increase": [L] or None, "foldgpt_gate": [L] or None}``; one entry per block, 0-based order.
         marked: block ids to highlight (e.g. the ones the current plan prunes).
         marked_label: legend text for the highlighted blocks.
 
@@ -138,6 +138,8 @@ def scores_bar(scores: Mapping[str, Sequence[float | None]], marked: Sequence[in
         panels.append(("nll_increase", "loss increase when the block is removed (nats/token)"))
     if scores.get("angular_distance_1") is not None:
         panels.append(("angular_distance_1", "angular distance in→out (0..1)"))
+    if scores.get("foldgpt_gate") is not None:
+        panels.append(("foldgpt_gate", "FoldGPT gate after training (low = removable given the others)"))
     fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.09,
                         subplot_titles=[p[1] for p in panels])
     marked_set = {int(i) for i in marked}
@@ -251,24 +253,40 @@ def share_heatmap(matrix: Sequence[Sequence[float | None]], rows: Sequence[int],
 
 @failsafe
 def slot_map(num_blocks: int, layer_map: Sequence[int], replaced_slots: Sequence[int] = (),
-             title: str = "") -> go.Figure:
+             title: str = "", *, sources: Sequence[int] | None = None) -> go.Figure:
     """Base blocks (top row) and the new model's slots (bottom row), with an arrow from each donor.
 
     Args:
         num_blocks: depth of the base model.
         layer_map: the donor base block of every slot of the new model.
         replaced_slots: slots that run a donor's shared weights plus their own adapter.
+        sources: FoldGPT plans only: the base block each slot stands for (its own pre-norms come
+            from it). Slots that run another block's weights are then drawn as shared and every
+            group of slots running the same weights is framed.
     """
     layer_map = [int(b) for b in layer_map]
-    replaced = {int(s) for s in replaced_slots}
+    fold = sources is not None
+    sources = [int(b) for b in sources] if fold else None
+    replaced = ({s for s in range(len(layer_map)) if layer_map[s] != sources[s]} if fold
+                else {int(s) for s in replaced_slots})
     used = set(layer_map)
+    present = set(sources) if fold else used
     n_slots = len(layer_map)
     fig = go.Figure()
-    top_color = [COLORS["kept"] if b in used else COLORS["dropped"] for b in range(num_blocks)]
+    top_color = [COLORS["kept"] if b in used else (COLORS["muted"] if b in present else COLORS["dropped"])
+                 for b in range(num_blocks)]
     donors_of = {}
     for s in replaced:
         donors_of.setdefault(layer_map[s], []).append(s)
-    top_hover = [f"base block {b} (0-based): " + ("dropped, weights not stored" if b not in used else "kept")
+
+    def top_state(b: int) -> str:
+        if b in used:
+            return "kept"
+        if b in present:
+            return "weights not stored; its slot keeps only its own pre-norms"
+        return "dropped, weights not stored"
+
+    top_hover = [f"base block {b} (0-based): " + top_state(b)
                  + (f"<br>donor for slot(s) {', '.join(map(str, sorted(donors_of[b])))}" if b in donors_of else "")
                  for b in range(num_blocks)]
     fig.add_trace(go.Bar(x=list(range(num_blocks)), y=[0.8] * num_blocks, base=[1.2] * num_blocks, marker_color=top_color,
@@ -277,16 +295,34 @@ def slot_map(num_blocks: int, layer_map: Sequence[int], replaced_slots: Sequence
     bottom_color = [COLORS["shared"] if s in replaced else (COLORS["extra"] if s >= num_blocks else COLORS["kept"])
                     for s in range(n_slots)]
     bottom_text = [f"{layer_map[s]}" for s in range(n_slots)]
-    bottom_hover = [f"slot {s} (0-based) runs base block {layer_map[s]}"
-                    + (" shared weights + its own adapter" if s in replaced else "") for s in range(n_slots)]
+    if fold:
+        bottom_hover = [f"slot {s} (0-based) stands for base block {sources[s]} (its own pre-norms) and runs block "
+                        f"{layer_map[s]}'s weights" + (" (shared)" if s in replaced else "") for s in range(n_slots)]
+    else:
+        bottom_hover = [f"slot {s} (0-based) runs base block {layer_map[s]}"
+                        + (" shared weights + its own adapter" if s in replaced else "") for s in range(n_slots)]
     fig.add_trace(go.Bar(x=list(range(n_slots)), y=[0.8] * n_slots, base=[0.0] * n_slots, marker_color=bottom_color,
                          text=bottom_text, textposition="inside", hovertext=bottom_hover, hoverinfo="text",
                          width=0.85, showlegend=False, name="slots"))
     for s in sorted(replaced):
         fig.add_annotation(x=s, y=0.82, ax=layer_map[s], ay=1.18, xref="x", yref="y", axref="x", ayref="y",
                            showarrow=True, arrowhead=2, arrowwidth=1.5, arrowcolor=COLORS["shared"])
-    for name, color in (("kept block", COLORS["kept"]), ("dropped block", COLORS["dropped"]),
-                        ("slot sharing a donor's weights", COLORS["shared"])):
+    groups = []
+    if fold:
+        for s, b in enumerate(layer_map):
+            if groups and layer_map[groups[-1][-1]] == b:
+                groups[-1].append(s)
+            else:
+                groups.append([s])
+        for g in groups:
+            if len(g) > 1:
+                fig.add_shape(type="rect", x0=g[0] - 0.49, x1=g[-1] + 0.49, y0=-0.04, y1=0.84, xref="x", yref="y",
+                              line=dict(color=COLORS["shared"], width=2, dash="dot"), fillcolor="rgba(0,0,0,0)")
+    legend = [("kept block", COLORS["kept"]), ("dropped block", COLORS["dropped"]),
+              ("slot sharing a donor's weights", COLORS["shared"])]
+    if fold:
+        legend.insert(1, ("block kept as a group member (own norms only)", COLORS["muted"]))
+    for name, color in legend:
         fig.add_trace(go.Bar(x=[None], y=[None], marker_color=color, name=name))
     if n_slots > num_blocks:
         fig.add_trace(go.Bar(x=[None], y=[None], marker_color=COLORS["extra"], name="extra slot (extension)"))
@@ -294,8 +330,10 @@ def slot_map(num_blocks: int, layer_map: Sequence[int], replaced_slots: Sequence
     fig.update_xaxes(title="block id / slot id (0-based); the number in a slot is the base block it runs",
                      range=[-0.7, width - 0.3], **_block_ticks(width))
     fig.update_yaxes(tickmode="array", tickvals=[0.4, 1.6], ticktext=["new model<br>slots", "base model<br>blocks"],
-                     range=[-0.05, 2.1], showgrid=False, zeroline=False)
+                     range=[-0.08, 2.1], showgrid=False, zeroline=False)
     depth = f"{n_slots} slots from {len(used)} stored blocks (base: {num_blocks})"
+    if fold:
+        depth += f"; {sum(len(g) > 1 for g in groups)} groups sharing weights (dotted frames)"
     fig = _base(fig, title or f"Resulting stack: {depth}", 300)
     fig.update_layout(uniformtext=dict(minsize=9, mode="show"))
     return fig

@@ -45,6 +45,9 @@ def score_columns(analysis: Mapping[str, Any]) -> dict[str, list[float | None]]:
     drop = analysis.get("ppl_drop")
     out["nll_increase"] = list(drop["nll_increase"]) if drop else None
     out["ppl_without"] = list(drop["ppl"]) if drop else None
+    gates = analysis.get("foldgpt_gates")
+    out["foldgpt_gate"] = list(gates["gates"]) if gates and len(gates.get("gates") or ()) == len(out["block_influence"]) \
+        else None
     return out
 
 
@@ -64,20 +67,28 @@ def scores_table(analysis: Mapping[str, Any]) -> pd.DataFrame:
     if cols.get("ppl_without") is not None:
         df["ppl without the block"] = [None if v is None else round(float(v), 2) for v in cols["ppl_without"]]
         df["loss increase (nats/token)"] = [None if v is None else round(float(v), 4) for v in cols["nll_increase"]]
+    if cols.get("foldgpt_gate") is not None:
+        df["FoldGPT gate"] = [round(float(v), 4) for v in cols["foldgpt_gate"]]
     return df
 
 
 def plan_table(num_blocks: int, layer_map: Sequence[int], method: str,
-               block_influence: Sequence[float] | None = None) -> pd.DataFrame:
+               block_influence: Sequence[float] | None = None, sources: Sequence[int] | None = None) -> pd.DataFrame:
     """The editable per-block view of a plan: keep/prune and the donor of each pruned block.
 
     For ``flexigpt`` a pruned block's donor is the block its slot runs; for ``drop`` it is empty;
+    for ``foldgpt`` (with ``sources``, the block each slot stands for) removed blocks read
+    ``prune`` and a kept block whose slot runs another block's weights names that block;
     ``extend`` plans are shown per slot by the figure, here every block reads ``keep``.
     """
     layer_map = [int(b) for b in layer_map]
+    runs = {int(b): layer_map[s] for s, b in enumerate(sources)} if sources is not None else {}
     rows = []
     for b in range(num_blocks):
-        if method == "flexigpt":
+        if method == "foldgpt":
+            pruned = b not in runs
+            donor = runs[b] if not pruned and runs[b] != b else None
+        elif method == "flexigpt":
             pruned = layer_map[b] != b
             donor = layer_map[b] if pruned else None
         elif method == "drop":

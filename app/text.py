@@ -44,6 +44,12 @@ at block *l*, it is the angle between the hidden state entering block *l* and th
 *l+n−1*, scaled to 0..1 (`arccos(cos)/π`). Dark cells are contiguous runs that could be cut together;
 the white × marks the best start for each span length (Gromov et al., PruneMe).
 """,
+    "gates": """
+**FoldGPT gate** ([Liu et al., 2024](https://arxiv.org/abs/2407.00928)): every block gets a learnable
+dial between 0 (skipped) and 1 (fully on), and a few training steps on the calibration text, with a
+push to switch about a *ratio* of the blocks off, turn down the blocks the model can do without
+**given the others**, so a low gate means "removable", judged jointly rather than one block at a time like BI.
+""",
     "similarity": """
 **Similarity** compares the *outputs* of two blocks (mean token cosine). A dark square along the
 diagonal means neighbouring blocks write almost the same state, i.e. depth that adds little.
@@ -69,7 +75,11 @@ PLAN_HELP = """
 The ratio slider proposes a plan: prune the lowest-BI blocks and give each its suggested donor.
 Then edit it by hand: pick a block, **keep** or **prune** it and choose the **donor** of a pruned
 block; or upload a `plan.json`. Every edit is checked at once (a donor must be a kept block). Methods: **FlexiGPT** (replacement slots share a donor + adapter),
-**drop** (ShortGPT: the blocks are removed), **extend** (copy blocks to make the model deeper).
+**drop** (ShortGPT: the blocks are removed), **extend** (copy blocks to make the model deeper),
+**FoldGPT** (remove the lowest-gated blocks, or the lowest-BI ones until gates are trained in tab 2;
+then every *group size* consecutive kept blocks run the first one's weights, each keeping its own
+small norms, which recovery re-adapts). **Align donors** lines each donor's neurons and heads up with
+the pruned block before the adapter is fitted: same size and speed, a closer starting point.
 """
 
 BUILD_HELP = """
@@ -87,7 +97,9 @@ tensor once; run cost counts the parameters each forward pass goes through.
 CHAT_HELP = """
 The same message goes to the **original** model and the **built** model; both answers stream side by
 side using the model's chat template. A small model pruned without much recovery will often ramble:
-that is the honest result.
+that is the honest result. **Speculative decoding** answers with the built model exactly as plain
+greedy decoding would, but lets the model without its shared slots guess a few tokens that the full
+model then checks in one pass; it needs temperature 0 and shows how many guesses were accepted.
 """
 
 EXPORT_HELP = """

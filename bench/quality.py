@@ -9,6 +9,10 @@ the same recovery data, steps and tokens for every trained row:
 - drop                      ShortGPT, no training
 - drop + LoRA (=rN)         LoRA on the kept blocks at the trainable-parameter count of FlexiGPT rN
 - flexigpt rN               FlexiGPT replacement slots with adapter rank N (default 8 and 32)
+- foldgpt gG (...)          FoldGPT: the lowest-gated blocks removed (gates trained on the
+                            calibration windows), groups of G kept blocks sharing one block's
+                            weights, own pre-norms; its cure is the same budget with distillation
+                            from the original including the last-block hidden-state term
 
 Columns: held-out perplexity before/after recovery (in-domain, and on a second, differently
 styled text), stored and trainable parameters, forward latency relative to the original
@@ -61,9 +65,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--objective", default="lm", choices=("lm", "distill", "mix"))
     ap.add_argument("--out-norm", default="layernorm", choices=("layernorm", "scale"))
+    ap.add_argument("--out-norm-scale", type=float, default=1e-3, help="start scale of the slots' output norms")
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--calib-windows", type=int, default=32)
-    ap.add_argument("--only", default="", help="comma-separated row names to run (default all)")
+    ap.add_argument("--group-size", type=int, default=2, help="FoldGPT: kept blocks per group")
+    ap.add_argument("--gates-steps", type=int, default=30, help="FoldGPT: gate training steps on the calibration windows")
+    ap.add_argument("--fold-hidden-weight", type=float, default=1.0,
+                    help="FoldGPT cure: weight of the last-block hidden-state (tail distillation) term")
+    ap.add_argument("--only", default="", help="comma-separated row names (or name prefixes) to run (default all)")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--save-dir", default=None, help="also write a compact export of every trained FlexiGPT row here")
     ap.add_argument("--json", action="store_true")
@@ -83,7 +92,8 @@ def main() -> None:
     other = token_windows(tok, args.other_data, seq_len=args.seq_len, split="heldout", max_windows=args.eval_windows)
 
     flexi = {r: plan_from_analysis(analysis, args.ratio, method="flexigpt",
-                                   adapter=AdapterSpec(rank=r, out_norm=args.out_norm)) for r in ranks}
+                                   adapter=AdapterSpec(rank=r, out_norm=args.out_norm,
+                                                                      out_norm_scale=args.out_norm_scale)) for r in ranks}
     first = flexi[ranks[0]]
     drop = first.with_method("drop")
     identity = Plan.identity(args.model, L, method="drop")
@@ -96,9 +106,26 @@ def main() -> None:
         rows_spec.append((f"drop + LoRA (=r{r})", drop, matched_lora_rank(flexi[r], base), True))
     for r in ranks:
         rows_spec.append((f"flexigpt r{r}", flexi[r], None, True))
+    fold_name = f"foldgpt g{args.group_size} (gates {args.gates_steps} steps, distill+tail {args.fold_hidden_weight:g})"
+    rows_spec.append((fold_name, None, None, True))  # its plan needs the gates: made below only when selected
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     if only:
-        rows_spec = [row for row in rows_spec if row[0] in only or row[0] == "original"]
+        rows_spec = [row for row in rows_spec if row[0] == "original" or any(row[0].startswith(o) for o in only)]
+    cure = {}  # per-row recovery settings that differ from `spec`
+    if any(row[0] == fold_name for row in rows_spec):
+        from dataclasses import replace
+
+        from flexigpt.gates import GateSpec, train_gates
+        from flexigpt.plan import foldgpt_plan
+
+        calib = token_windows(tok, args.data, seq_len=min(args.seq_len, 256), split="train",
+                              max_windows=args.calib_windows)
+        gates = train_gates(base, calib.input_ids, GateSpec(ratio=args.ratio, steps=args.gates_steps))
+        fold = foldgpt_plan(args.model, gates.gates, args.ratio, args.group_size)
+        print(f"FoldGPT gates ({args.gates_steps} steps, {gates.seconds:.0f} s): removed {list(fold.removed_blocks)}, "
+              f"groups {[list(g) for g in fold.groups]}")
+        rows_spec = [(n, fold if n == fold_name else p, k, t) for n, p, k, t in rows_spec]
+        cure[fold_name] = replace(spec, objective="distill", hidden_weight=args.fold_hidden_weight)
 
     print(f"pruned blocks (0-based, lowest BI): {list(first.dropped_blocks)}; donors: {first.donors}")
     print(f"recovery: {spec.steps} steps x batch {spec.batch_size} x {spec.seq_len} tokens = "
@@ -112,8 +139,9 @@ def main() -> None:
         seconds, final_loss = 0.0, None
         if trained:
             start = time.perf_counter()
-            teacher = base if spec.objective != "lm" else None
-            for log in recover(model, train, spec, teacher=teacher):
+            row_spec = cure.get(name, spec)
+            teacher = base if row_spec.objective != "lm" else None
+            for log in recover(model, train, row_spec, teacher=teacher):
                 final_loss = log.loss
             seconds = time.perf_counter() - start
         after = evaluate.perplexity(model, held).ppl if trained else before
@@ -124,10 +152,10 @@ def main() -> None:
                "seconds": round(seconds, 1), "final_loss": final_loss}
         results.append(row)
         models[name] = model
-        if args.save_dir and name.startswith("flexigpt") and trained:
+        if args.save_dir and name.startswith(("flexigpt", "foldgpt")) and trained:
             from flexigpt.export import save_compact
 
-            save_compact(model, plan, tok, Path(args.save_dir) / name.replace(" ", "-"), overwrite=True)
+            save_compact(model, plan, tok, Path(args.save_dir) / name.split(" (")[0].replace(" ", "-"), overwrite=True)
         print(f"  {name:<24} ppl {before:9.2f} -> {after:9.2f}   other {after_other:9.2f}   "
               f"trainable {counts.trainable:>9,}   {seconds:6.1f} s", flush=True)
 
@@ -146,14 +174,15 @@ def main() -> None:
             if k in ref and gap > 0:
                 summary[f"{k} gap closed"] = round((ref["drop"]["ppl_before"] - ref[k]["ppl_after"]) / gap, 3)
 
-    header = (f"{'method':<24}{'ppl before':>11}{'ppl after':>11}{'other after':>12}{'stored':>13}"
+    w = max(24, *(len(r["method"]) + 1 for r in results))
+    header = (f"{'method':<{w}}{'ppl before':>11}{'ppl after':>11}{'other after':>12}{'stored':>13}"
               f"{'trainable':>11}{'rel lat':>9}{'seconds':>9}")
     print()
     print(f"held-out protocol: {json.dumps(held.protocol())}")
     print(f"other-domain protocol: {json.dumps(other.protocol())}")
     print(header)
     for r in results:
-        print(f"{r['method']:<24}{r['ppl_before']:>11.2f}{r['ppl_after']:>11.2f}{r['ppl_other_after']:>12.2f}"
+        print(f"{r['method']:<{w}}{r['ppl_before']:>11.2f}{r['ppl_after']:>11.2f}{r['ppl_other_after']:>12.2f}"
               f"{r['stored_params']:>13,}{r['trainable_params']:>11,}{r['rel_latency']:>9.3f}{r['seconds']:>9.1f}")
     for k, v in summary.items():
         print(f"{k} (share of the drop -> original+LoRA gap): {v}")

@@ -23,7 +23,7 @@ _EXPORTS = {
     "analyze": "flexigpt.analysis", "score_blocks": "flexigpt.scoring", "choose_donors": "flexigpt.sharing",
     # plan and surgery
     "Plan": "flexigpt.plan", "AdapterSpec": "flexigpt.plan", "plan_from_scores": "flexigpt.plan",
-    "plan_from_analysis": "flexigpt.plan", "extend_plan": "flexigpt.plan",
+    "plan_from_analysis": "flexigpt.plan", "extend_plan": "flexigpt.plan", "foldgpt_plan": "flexigpt.plan",
     "apply_plan": "flexigpt.surgery", "attach_kept_lora": "flexigpt.adapters",
     "estimate_params": "flexigpt.params", "measure_params": "flexigpt.params", "matched_lora_rank": "flexigpt.params",
     # recovery, evaluation, chat, export

@@ -146,7 +146,7 @@ def _inject(block: nn.Module, ranks: dict[str, int], standard_init: bool) -> Non
 
 
 def attach_slot_adapters(slot: nn.Module, spec: ArchSpec, adapter: AdapterSpec, *, hidden_size: int,
-                         pruned: nn.Module | None = None) -> dict[str, int]:
+                         pruned: nn.Module | None = None, config=None) -> dict[str, int]:
     """Give one slot (a structural copy of its donor block) its LoRA and output norms, in place.
 
     Args:
@@ -157,19 +157,36 @@ def attach_slot_adapters(slot: nn.Module, spec: ArchSpec, adapter: AdapterSpec, 
         pruned: the pruned block this slot replaces; with ``adapter.init == "svd"`` its weights
             initialise the LoRA (``B A = SVD_r(W_pruned - W_donor)``). ``None``: standard LoRA
             init (``B = 0``), used for extension copies and for reload skeletons.
+        config: the model config (head layout); needed with ``adapter.align``, where the SVD is
+            taken of ``W_pruned - W_donor[perm]`` for the donor relabelling that best matches the
+            pruned block, and the factors are folded back into the donor's own labelling
+            (``flexigpt.align.fold_lora``): the slot computes the function of the aligned donor
+            plus adapter while it keeps running the donor's tensors unchanged.
 
     Returns:
         The rank used for each targeted matrix.
     """
     ranks = matrix_ranks(slot, spec, adapter.rank, adapter.targets)
     svd = pruned is not None and adapter.init == "svd"
+    alignment, aligned = None, {}
+    if svd and adapter.align:
+        from flexigpt.align import align_donor, aligned_weights
+
+        if config is None:
+            raise ValueError("adapter.align needs the model config (its head layout) to align donors")
+        alignment = align_donor(pruned, slot, spec, config)  # the slot still holds the donor's plain linears
+        aligned = aligned_weights(slot, alignment, spec)
     _inject(slot, ranks, standard_init=True)
     if svd:
         for name, r in ranks.items():
             layer = get_submodule(slot, spec.path_of(name))
-            w_donor = layer.base_layer.weight
+            w_donor = aligned.get(name, layer.base_layer.weight)
             w_pruned = base_linear(get_submodule(pruned, spec.path_of(name))).weight
-            B, A = lora_factors(w_pruned.detach() - w_donor.detach(), r)
+            B, A = lora_factors(w_pruned.detach().float() - w_donor.detach().float(), r)
+            if alignment is not None:
+                from flexigpt.align import fold_lora
+
+                A, B = fold_lora(name, A, B, alignment, spec)
             with torch.no_grad():
                 layer.lora_B[ADAPTER].weight.copy_(B)
                 layer.lora_A[ADAPTER].weight.copy_(A)

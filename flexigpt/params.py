@@ -178,13 +178,21 @@ def estimate_params(plan: Plan, source: Any, *, kept_lora_rank: int | None = Non
     sh = _shapes(source)
     if sh.num_blocks != plan.num_blocks:
         raise ValueError(f"plan is for {plan.num_blocks} blocks, but the model config has {sh.num_blocks}")
-    rank_caps(source, plan.adapter.rank, plan.adapter.targets)  # validates rank and targets
-    R = len(plan.replaced_slots)
-    lora, out_norm, prenorm = _slot_extras(sh, plan.adapter)
-    trainable_slot = lora + out_norm + (prenorm if plan.adapter.train_prenorms else 0)
-    stored = sh.nonblock + len(plan.kept_blocks) * sh.block + R * (lora + out_norm + prenorm)
-    run = sh.nonblock + plan.num_slots * sh.block + R * (lora + out_norm)
-    trainable = R * trainable_slot
+    if plan.method == "foldgpt":
+        # every slot: its group's shared weights (stored once per group) and its own pre-norms
+        S, D = plan.num_slots, len(plan.kept_blocks)
+        stored = sh.nonblock + D * (sh.block - sh.prenorms) + S * sh.prenorms
+        run = sh.nonblock + S * sh.block
+        trainable = S * sh.prenorms if plan.adapter.train_prenorms else 0
+        R = 0
+    else:
+        rank_caps(source, plan.adapter.rank, plan.adapter.targets)  # validates rank and targets
+        R = len(plan.replaced_slots)
+        lora, out_norm, prenorm = _slot_extras(sh, plan.adapter)
+        trainable_slot = lora + out_norm + (prenorm if plan.adapter.train_prenorms else 0)
+        stored = sh.nonblock + len(plan.kept_blocks) * sh.block + R * (lora + out_norm + prenorm)
+        run = sh.nonblock + plan.num_slots * sh.block + R * (lora + out_norm)
+        trainable = R * trainable_slot
     if kept_lora_rank is not None:
         rank_caps(source, kept_lora_rank, kept_lora_targets)
         extra = (plan.num_slots - R) * _lora(sh, kept_lora_rank, kept_lora_targets)
@@ -208,7 +216,7 @@ def matched_lora_rank(plan: Plan, source: Any, targets: tuple[str, ...] = ()) ->
 
 
 def params_table(plan: Plan, source: Any, *, extend_blocks: int | None = None) -> list[dict[str, Any]]:
-    """Rows comparing original / drop / flexigpt (and extend, for extend plans) for the plan's
+    """Rows comparing original / drop / flexigpt (foldgpt or extend, for those plans) for the plan's
     pruned set, each with stored, run and trainable parameters and the stored fraction."""
     sh = _shapes(source)
     original = sh.nonblock + sh.num_blocks * sh.block
@@ -216,6 +224,9 @@ def params_table(plan: Plan, source: Any, *, extend_blocks: int | None = None) -
     if plan.method in ("flexigpt", "drop"):
         rows.append(("drop", plan.with_method("drop")))
         rows.append(("flexigpt", plan.with_method("flexigpt")))
+    elif plan.method == "foldgpt":
+        rows.append(("drop", plan.with_method("drop")))
+        rows.append(("foldgpt", plan))
     else:
         rows.append(("extend", plan))
     out = []

@@ -300,7 +300,8 @@ class Plan:
         if self.method != "foldgpt":
             return None
         noted = self.note("group_size")
-        return noted if isinstance(noted, int) and not isinstance(noted, bool) else max(map(len, self.groups))
+        valid = isinstance(noted, int) and not isinstance(noted, bool) and 1 <= noted <= MAX_BLOCKS
+        return noted if valid else max(map(len, self.groups))
 
     def note(self, key: str, default: NoteValue = None) -> NoteValue:
         return dict(self.notes).get(key, default)

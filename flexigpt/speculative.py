@@ -240,10 +240,10 @@ def draft_for(model: nn.Module) -> nn.Module:
     from flexigpt.surgery import build_info
 
     plan = build_info(model).plan
-    if not plan.replaced_slots:
+    if not plan.shared_slots:  # replacement slots, extension copies, FoldGPT group members
         raise ValueError(f"self-speculative decoding needs a model with replacement slots; this {plan.method!r} "
                          "model has none (build a FlexiGPT plan)")
-    return draft_model(model, plan.replaced_slots)
+    return draft_model(model, plan.shared_slots)
 
 
 @torch.no_grad()

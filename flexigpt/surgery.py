@@ -11,7 +11,14 @@ block:
   its donor block (its own module objects and ``layer_idx``, the donor's weight tensors) with
   its own LoRA, output norms and pre-norms (see ``flexigpt.adapters``). OPT biases are shared
   with the donor (the donor's bias Parameter, not a copy);
-* a ``drop`` plan simply leaves the pruned blocks out (ShortGPT).
+* a ``drop`` plan simply leaves the pruned blocks out (ShortGPT);
+* a ``foldgpt`` plan builds one slot per kept block: each runs its group's first block's weight
+  tensors (hard sharing, stored once) with its *own* copy of its own block's pre-norms, the
+  only parameters FoldGPT's "cure" trains (no LoRA, no output norm).
+
+With ``adapter.align`` each replacement slot's SVD initialisation is taken against its donor
+relabelled to line up with the pruned block (``flexigpt.align``) and folded back, so the slot
+still runs the donor's tensors unchanged.
 
 ``flexigpt.arch.set_blocks`` renumbers ``layer_idx`` and ``config.num_hidden_layers`` so the KV
 cache and ``generate()`` work. Trainability contract: afterwards exactly the parameters that
@@ -20,6 +27,7 @@ recovery should train have ``requires_grad=True`` (slot adapters, output norms a
 objects, the base's parameters are frozen too (their values never change).
 
 Paper: FlexiGPT (Smith et al., NAACL 2025), https://arxiv.org/abs/2501.14713
+FoldGPT (Liu et al., 2024), https://arxiv.org/abs/2407.00928
 """
 from __future__ import annotations
 
@@ -86,31 +94,31 @@ def set_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Apply the trainability contract to a built model; returns the trainable parameters.
 
     Trainable: the LoRA factors of replaced slots (and of kept blocks after
-    ``attach_kept_lora``), the output-norm parameters, and the replaced slots' own pre-norms
-    when ``plan.adapter.train_prenorms``. Everything else is frozen.
+    ``attach_kept_lora``), the output-norm parameters, and, when ``plan.adapter.train_prenorms``,
+    the own pre-norms of replaced slots (of every slot for ``foldgpt``). Everything else is frozen.
     """
     info = build_info(model)
     spec = arch_of(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    replaced = set(info.plan.replaced_slots)
+    plan = info.plan
+    replaced = set(plan.replaced_slots)
+    own_norms = set(range(plan.num_slots)) if plan.method == "foldgpt" else replaced
     for slot, block in enumerate(get_blocks(model)):
-        is_replaced = slot in replaced
-        if not is_replaced and info.kept_lora is None:
-            continue
-        for name, p in block.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
-                p.requires_grad_(True)
-        if is_replaced:
+        if slot in replaced or info.kept_lora is not None:
+            for name, p in block.named_parameters():
+                if ".lora_A." in name or ".lora_B." in name:
+                    p.requires_grad_(True)
+        if slot in replaced:
             for m in block.modules():
                 if isinstance(m, OutputNorm):
                     for name, p in m.named_parameters():
                         if not name.startswith("inner."):
                             p.requires_grad_(True)
-            if info.plan.adapter.train_prenorms:
-                for path in spec.norms:
-                    for p in get_submodule(block, path).parameters():
-                        p.requires_grad_(True)
+        if slot in own_norms and plan.adapter.train_prenorms:
+            for path in spec.norms:
+                for p in get_submodule(block, path).parameters():
+                    p.requires_grad_(True)
     return trainable_parameters(model)
 
 
@@ -143,8 +151,15 @@ def apply_plan(base: nn.Module, plan: Plan, *, init_adapters: bool = True) -> nn
     replaced = set(plan.replaced_slots)
     ranks: dict[str, int] = {}
     slots: list[nn.Module] = []
+    sources = plan.slot_sources
     for slot, block in enumerate(plan.layer_map):
-        if slot not in replaced:
+        if plan.method == "foldgpt":
+            # the group's first member runs the copy of its block, the others a further copy; every
+            # member gets its own pre-norms, copied from the block it stands for (trainable)
+            source = sources[slot]
+            module = copies[block] if source == block else structural_copy(copies[block])
+            _own_prenorms(module, base_blocks[source], spec.norms)
+        elif slot not in replaced:
             module = copies[block]
             source = block
         else:
@@ -155,12 +170,12 @@ def apply_plan(base: nn.Module, plan: Plan, *, init_adapters: bool = True) -> nn
                 norm_source, pruned, source = base_blocks[block], None, block
             _own_prenorms(module, norm_source, spec.norms)
             ranks = attach_slot_adapters(module, spec, plan.adapter, hidden_size=hidden,
-                                         pruned=pruned if init_adapters else None)
+                                         pruned=pruned if init_adapters else None, config=base.config)
         module._flexigpt_source = source  # set_blocks re-slices per-layer config lists with it
         slots.append(module)
     set_blocks(model, slots)
     model.flexigpt_build = BuildInfo(plan=plan, base_config=base_config, ranks=ranks)
     set_trainable(model)
-    log.info("built %s plan: %d slots, %d replaced, %d dropped", plan.method, plan.num_slots, len(replaced),
-             len(plan.dropped_blocks))
+    log.info("built %s plan: %d slots, %d sharing another block's weights, %d blocks not stored", plan.method,
+             plan.num_slots, len(plan.shared_slots), len(plan.dropped_blocks))
     return model.eval()

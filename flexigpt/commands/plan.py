@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-HELP = "make a plan (which blocks to prune or repeat, donors, adapter rank) from an analysis.json"
+HELP = "make a plan (which blocks to prune, share or repeat, donors, adapter rank) from an analysis.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,7 +18,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop", default="", help="extra blocks to prune, e.g. 3,12")
     p.add_argument("--keep", default="", help="blocks to keep, e.g. 5")
     p.add_argument("--donor", action="append", default=[], help="set a donor: PRUNED=DONOR, e.g. 12=11 (repeatable)")
-    p.add_argument("--method", choices=("flexigpt", "drop", "extend"), default=None)
+    p.add_argument("--method", choices=("flexigpt", "drop", "extend", "foldgpt"), default=None)
+    p.add_argument("--group-size", type=int, default=None,
+                   help="foldgpt: kept blocks per group sharing one block's weights (default 2)")
+    p.add_argument("--gates-steps", type=int, default=0,
+                   help="foldgpt: train FoldGPT block gates for N steps on the analysis's calibration data and "
+                        "remove the lowest-gated blocks (default 0: the lowest Block Influence from --analysis)")
+    p.add_argument("--align", action=argparse.BooleanOptionalAction, default=None,
+                   help="initialise each adapter against its donor permutation-aligned to the pruned block")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank of the replacement slots")
     p.add_argument("--out-norm", choices=("layernorm", "scale"), default=None, help="output normalisation kind")
     p.add_argument("--out-norm-scale", type=float, default=None, help="starting gamma / scale of the output norms")
@@ -76,9 +83,22 @@ def _write_atomic(path: Path, text: str) -> None:
             os.unlink(tmp)
 
 
+def _gate_scores(analysis: dict, ratio: float, steps: int) -> list[float]:
+    """FoldGPT gates trained on the analysis's own calibration windows (train split)."""
+    from flexigpt.data import token_windows
+    from flexigpt.gates import GateSpec, train_gates
+    from flexigpt.models import load_model
+
+    loaded = load_model(str(analysis.get("model")))
+    windows = token_windows(loaded.tokenizer, str(analysis.get("data") or "default"),
+                            seq_len=int(analysis.get("seq_len") or 128), split="train",
+                            max_windows=int(analysis.get("samples") or 16))
+    return train_gates(loaded.model, windows.input_ids, GateSpec(ratio=ratio, steps=steps)).gates
+
+
 def run(args: argparse.Namespace) -> dict:
     from flexigpt.params import estimate_params
-    from flexigpt.plan import Plan, extend_plan, plan_from_analysis
+    from flexigpt.plan import Plan, extend_plan, foldgpt_plan, plan_from_analysis
 
     drops, keeps, ext = _ids(args.drop, "--drop"), _ids(args.keep, "--keep"), _ids(args.extend_blocks, "--extend-blocks")
     donors = {}
@@ -87,14 +107,27 @@ def run(args: argparse.Namespace) -> dict:
         if not sep or not pruned.strip().isdigit() or not donor.strip().isdigit():
             raise ValueError(f"--donor expects PRUNED=DONOR with block ids, got {item!r}")
         donors[int(pruned)] = int(donor)
+    if args.gates_steps and (args.method != "foldgpt" or not args.analysis):
+        raise ValueError(f"--gates-steps {args.gates_steps} needs --method foldgpt and --analysis")
     if args.analysis:
         analysis = _load_json(args.analysis, "analysis file")
         method = args.method or "flexigpt"
-        if method == "extend" and ext:
+        if method == "foldgpt" and args.gates_steps:
+            if not isinstance(args.gates_steps, int) or not 1 <= args.gates_steps <= 10_000:
+                raise ValueError(f"--gates-steps must be in 1..10000, got {args.gates_steps}")
+            ratio = args.ratio if args.ratio is not None else 0.0
+            gates = _gate_scores(analysis, ratio, args.gates_steps)
+            plan = foldgpt_plan(str(analysis.get("model")), gates, ratio, args.group_size or 2,
+                                notes={"gates_steps": args.gates_steps, "analysis_data": analysis.get("data"),
+                                       "analysis_samples": analysis.get("samples"),
+                                       "analysis_seq_len": analysis.get("seq_len"),
+                                       "gates": ",".join(f"{g:.4f}" for g in gates)})
+        elif method == "extend" and ext:
             plan = extend_plan(str(analysis.get("model")), int(analysis.get("num_blocks", 0)), ext, args.extend_mode)
         else:
             plan = plan_from_analysis(analysis, args.ratio if args.ratio is not None else 0.0,
-                                      method="flexigpt" if method == "drop" else method, extend_mode=args.extend_mode)
+                                      method="flexigpt" if method in ("drop", "foldgpt") else method,
+                                      extend_mode=args.extend_mode)
     else:
         plan = Plan.from_json(Path(args.from_plan).read_text()) if Path(args.from_plan).is_file() else None
         if plan is None:
@@ -109,9 +142,12 @@ def run(args: argparse.Namespace) -> dict:
     for b, d in donors.items():
         if b not in drops:
             plan = plan.with_donor(b, d)
-    if method != plan.method:
-        plan = plan.with_method(method)
-    changes = {k: v for k, v in (("rank", args.rank), ("out_norm", args.out_norm), ("out_norm_scale", args.out_norm_scale)) if v is not None}
+    if args.group_size is not None and method != "foldgpt":
+        raise ValueError(f"--group-size {args.group_size} applies to --method foldgpt, not {method}")
+    if method != plan.method or (method == "foldgpt" and args.group_size is not None):
+        plan = plan.with_method(method, group_size=args.group_size)
+    changes = {k: v for k, v in (("rank", args.rank), ("out_norm", args.out_norm), ("out_norm_scale", args.out_norm_scale),
+                                 ("align", args.align)) if v is not None}
     if changes:
         plan = plan.with_adapter(**changes)
     if args.ratio is not None:
@@ -120,6 +156,9 @@ def run(args: argparse.Namespace) -> dict:
     _write_atomic(out, plan.to_json() + "\n")
     result = {"plan": plan.to_dict(), "path": str(out), "pruned": list(plan.dropped_blocks),
               "replaced_slots": list(plan.replaced_slots), "donors": {str(k): v for k, v in plan.donors.items()}}
+    if plan.method == "foldgpt":
+        result.update(removed=list(plan.removed_blocks), groups=[list(g) for g in plan.groups],
+                      group_size=plan.group_size)
     if args.json:
         result["params"] = estimate_params(plan, _base_config(plan.base_model)).to_dict()
     return result

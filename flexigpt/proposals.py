@@ -1,0 +1,171 @@
+"""Which plan do the scores suggest? Plans proposed from block scores, an analysis, or a list
+of blocks to repeat.
+
+``flexigpt.plan`` defines the format and validates it; this module only chooses blocks:
+the ``round(ratio * L)`` lowest-scored blocks are pruned (FlexiGPT, ShortGPT), removed and the
+rest grouped (FoldGPT), or copied (extension). Import them from either module.
+
+Paper: FlexiGPT (Smith et al., NAACL 2025), https://arxiv.org/abs/2501.14713
+FoldGPT (Liu et al., 2024), https://arxiv.org/abs/2407.00928
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from flexigpt.plan import (MAX_BLOCKS, MAX_RATIO, METHODS, AdapterSpec, ExtendSpec, NoteValue, Plan, _float, _int)
+
+__all__ = ["extend_plan", "foldgpt_plan", "plan_from_analysis", "plan_from_scores"]
+
+
+def _nearest_kept(block: int, kept: Sequence[int]) -> int:
+    return min(kept, key=lambda k: (abs(k - block), k))
+
+
+def plan_from_scores(
+    base_model: str,
+    block_influence: Sequence[float],
+    ratio: float,
+    *,
+    share_error: Sequence[Sequence[float | None]] | None = None,
+    method: str = "flexigpt",
+    adapter: AdapterSpec | None = None,
+    protect: Iterable[int] = (),
+    extend_mode: str = "block",
+    group_size: int = 2,
+    notes: Mapping[str, NoteValue] | None = None,
+) -> Plan:
+    """Prune (or, for ``extend``, copy) the ``round(ratio * L)`` lowest-BI blocks.
+
+    Args:
+        base_model: model reference stored in the plan.
+        block_influence: ``(L,)`` Block Influence scores (low = removable).
+        ratio: fraction of blocks in ``[0, 0.9]``.
+        share_error: ``(L, L)`` share error (rows pruned, columns donor; ``None`` = not computed);
+            donors are its row minima over kept blocks (``flexigpt.sharing.choose_donors``).
+            Without it, or for rows with no value, each pruned block takes the nearest kept block.
+        method: ``flexigpt``, ``drop``, ``extend`` or ``foldgpt`` (remove, then group the rest).
+        adapter: adapter settings (default ``AdapterSpec()``).
+        protect: block ids never chosen (e.g. ``(0, L - 1)``).
+        extend_mode: layout for ``extend`` (``block`` or ``sequential``).
+        group_size: kept blocks per group for ``foldgpt``.
+        notes: extra provenance stored in the plan.
+    """
+    scores = list(block_influence)
+    L = len(scores)
+    if L == 0:
+        raise ValueError("block_influence is empty")
+    for i, v in enumerate(scores):
+        _float(v, f"block_influence[{i}]", -1e6, 1e6)
+    _float(ratio, "ratio", 0.0, MAX_RATIO)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    protected = {_int(b, "protected block", 0, L - 1) for b in protect}
+    n = int(round(ratio * L))
+    candidates = sorted((b for b in range(L) if b not in protected), key=lambda b: (scores[b], b))
+    if n > len(candidates) or (method != "extend" and n >= L):
+        raise ValueError(f"ratio {ratio} selects {n} of {L} blocks but only {len(candidates)} are unprotected")
+    chosen = sorted(candidates[:n])
+    meta = {"ratio": float(ratio), "selection": "lowest block influence", **(notes or {})}
+    adapter = adapter or AdapterSpec()
+    if method == "extend":
+        return extend_plan(base_model, L, chosen, extend_mode, adapter=adapter, notes=meta)
+    kept = [b for b in range(L) if b not in chosen]
+    if method in ("drop", "foldgpt"):
+        plan = Plan(base_model, L, tuple(kept), "drop", adapter, notes=tuple(sorted(meta.items())))
+        return plan if method == "drop" else plan.with_method("foldgpt", group_size=group_size)
+    donors: dict[int, int] = {}
+    if share_error is not None and chosen:
+        from flexigpt.sharing import choose_donors  # lazy: sharing imports torch
+
+        if len(share_error) != L or any(len(row) != L for row in share_error):
+            raise ValueError(f"share_error must be an {L} x {L} matrix, got {len(share_error)} rows")
+        matrix = [[float("nan") if v is None else float(v) for v in row] for row in share_error]
+        donors = choose_donors(matrix, chosen)
+        # choose_donors falls back to the nearest block for rows without values: same rule as here.
+    lm = tuple(donors.get(b, _nearest_kept(b, kept)) if b in chosen else b for b in range(L))
+    return Plan(base_model, L, lm, "flexigpt", adapter, notes=tuple(sorted(meta.items())))
+
+
+def plan_from_analysis(analysis: Mapping[str, Any], ratio: float, *, method: str = "flexigpt",
+                       adapter: AdapterSpec | None = None, protect: Iterable[int] = (), extend_mode: str = "block",
+                       metric: str | None = None, rank: int | None = None, group_size: int = 2) -> Plan:
+    """A plan from an ``analysis.json`` dict (see the schema in the docs).
+
+    Uses ``block_influence`` for the selection and the share-error matrix named by
+    ``donor_suggestion`` (its ``metric`` and ``rank``; override with ``metric``/``rank``).
+    """
+    if not isinstance(analysis, Mapping):
+        raise ValueError(f"analysis must be a JSON object, got {type(analysis).__name__}")
+    if analysis.get("format_version") != 1:
+        raise ValueError(f"unknown analysis format_version {analysis.get('format_version')!r}; expected 1")
+    for key in ("model", "num_blocks", "block_influence"):
+        if key not in analysis:
+            raise ValueError(f"analysis is missing {key!r}")
+    L = _int(analysis["num_blocks"], "analysis num_blocks", 1, MAX_BLOCKS)
+    bi = analysis["block_influence"]
+    if not isinstance(bi, list) or len(bi) != L:
+        raise ValueError(f"analysis block_influence must list {L} values, got {bi!r:.200}")
+    suggestion = analysis.get("donor_suggestion") or {}
+    se = analysis.get("share_error") or {}
+    metric = metric or suggestion.get("metric") or "relative"
+    if metric not in ("relative", "absolute", "paper"):
+        raise ValueError(f"share-error metric must be 'relative', 'absolute' or 'paper', got {metric!r}")
+    rank = rank if rank is not None else suggestion.get("rank")
+    matrix = None
+    if se and rank is not None:
+        matrix = (se.get(metric) or {}).get(str(rank))
+    notes = {"analysis_model": analysis["model"], "analysis_fingerprint": analysis.get("fingerprint"),
+             "analysis_data": analysis.get("data"), "analysis_samples": analysis.get("samples"),
+             "analysis_seq_len": analysis.get("seq_len"),
+             "donor_metric": metric if matrix is not None else "nearest kept block",
+             "donor_rank": rank if matrix is not None else None}
+    return plan_from_scores(str(analysis["model"]), bi, ratio, share_error=matrix, method=method, adapter=adapter,
+                            protect=protect, extend_mode=extend_mode, group_size=group_size, notes=notes)
+
+
+def extend_plan(base_model: str, num_blocks: int, blocks: Iterable[int], mode: str = "block", *,
+                adapter: AdapterSpec | None = None, notes: Mapping[str, NoteValue] | None = None) -> Plan:
+    """An ``extend`` plan.
+
+    ``block`` mode puts a copy right after each chosen block (..., k, k', k+1, ...);
+    ``sequential`` mode needs a contiguous span a..b and repeats it once after itself
+    (..., a..b, a'..b', b+1, ...).
+    """
+    L = _int(num_blocks, "num_blocks", 1, MAX_BLOCKS)
+    chosen = [_int(b, "extend block", 0, L - 1) for b in blocks]
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"extend blocks contain duplicates: {chosen}")
+    chosen = sorted(chosen)
+    spec = ExtendSpec(mode)  # validates mode
+    if mode == "block":
+        lm = [x for b in range(L) for x in ((b, b) if b in chosen else (b,))]
+    else:
+        if chosen and chosen != list(range(chosen[0], chosen[-1] + 1)):
+            raise ValueError(f"sequential mode repeats a contiguous span of blocks, got {chosen}")
+        end = chosen[-1] + 1 if chosen else L
+        lm = list(range(end)) + chosen + list(range(end, L))
+    meta = {"extend_blocks": ",".join(map(str, chosen)), **(notes or {})}
+    return Plan(base_model, L, tuple(lm), "extend", adapter or AdapterSpec(), extend=spec, notes=tuple(sorted(meta.items())))
+
+
+def foldgpt_plan(base_model: str, scores: Sequence[float], ratio: float, group_size: int = 2, *,
+                 selection: str = "lowest FoldGPT gate", protect: Iterable[int] = (),
+                 adapter: AdapterSpec | None = None, notes: Mapping[str, NoteValue] | None = None) -> Plan:
+    """A FoldGPT plan: remove the ``round(ratio * L)`` lowest-scored blocks, then split the kept
+    blocks into groups of ``group_size`` consecutive kept blocks that run their first member's
+    weights, each member with its own pre-norms.
+
+    Args:
+        base_model: model reference stored in the plan.
+        scores: ``(L,)`` per-block scores, low = removable: FoldGPT gate values
+            (``flexigpt.gates.train_gates(...).gates``) or, without trained gates, Block Influence.
+        ratio: fraction of blocks removed, in ``[0, 0.9]``.
+        group_size: kept blocks per group (1 = no sharing: a plain drop with own, trainable norms).
+        selection: what ``scores`` are, recorded in the plan's notes.
+        protect: block ids never removed.
+        adapter: only ``train_prenorms`` matters for foldgpt (default ``AdapterSpec()``).
+        notes: extra provenance stored in the plan.
+    """
+    return plan_from_scores(base_model, scores, ratio, method="foldgpt", adapter=adapter, protect=protect,
+                            group_size=group_size, notes={"selection": selection, **(notes or {})})
