@@ -17,6 +17,9 @@ def build_name(plan) -> str:
     """A short readable name: ``flexigpt 30% r8``, ``drop 30%``, ``extend +6``."""
     if plan.method == "extend":
         return f"extend +{plan.num_slots - plan.num_blocks} r{plan.adapter.rank}"
+    if plan.method == "foldgpt":
+        pct = round(100 * len(plan.removed_blocks) / plan.num_blocks)
+        return f"foldgpt {pct}% g{plan.group_size}"
     pct = round(100 * len(plan.dropped_blocks) / plan.num_blocks)
     return f"{plan.method} {pct}%" + (f" r{plan.adapter.rank}" if plan.method == "flexigpt" else "")
 
