@@ -43,16 +43,8 @@ def user_errors(fn):
         def gen_wrapper(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
-            except gr.Error:
-                raise
-            except ValueError as err:
-                raise gr.Error(str(err)) from err
-            except MemoryError as err:
-                raise gr.Error("the server ran out of memory for this request; try a smaller setting or "
-                               "try again later") from err
             except Exception as err:
-                log.exception("handler %s failed", fn.__name__)
-                raise gr.Error(f"{type(err).__name__}: {str(err)[:300]}") from err
+                raise _as_user_error(fn, err) from err
 
         return gen_wrapper
 
@@ -60,18 +52,22 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except ValueError as err:
-            raise gr.Error(str(err)) from err
-        except MemoryError as err:
-            raise gr.Error("the server ran out of memory for this request; try a smaller setting or "
-                           "try again later") from err
         except Exception as err:
-            log.exception("handler %s failed", fn.__name__)
-            raise gr.Error(f"{type(err).__name__}: {str(err)[:300]}") from err
+            raise _as_user_error(fn, err) from err
 
     return wrapper
+
+
+def _as_user_error(fn, err: Exception) -> gr.Error:
+    """The message a visitor sees for an exception from handler ``fn`` (never a traceback)."""
+    if isinstance(err, gr.Error):
+        return err
+    if isinstance(err, ValueError):
+        return gr.Error(str(err))
+    if isinstance(err, MemoryError):
+        return gr.Error("the server ran out of memory for this request; try a smaller setting or try again later")
+    log.exception("handler %s failed", fn.__name__)
+    return gr.Error(f"{type(err).__name__}: {str(err)[:300]}")
 
 
 def fmt_params(n: int | float | None) -> str:

@@ -87,3 +87,24 @@ def smollm():
     from flexigpt.models import load_model
 
     return load_model("default")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, _tiny_llama_base, tiny_tokenizer):
+    """A real checkpoint folder of the 6-block tiny LLaMA: the app and the CLI load it like any model."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    _tiny_llama_base.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def request_(request):
+    """A stand-in for gr.Request (handlers only read ``session_hash``); the visitor's work is freed after."""
+    from types import SimpleNamespace
+
+    from app import session
+
+    key = f"test-{request.node.name}"
+    yield SimpleNamespace(session_hash=key)
+    session.drop(key)

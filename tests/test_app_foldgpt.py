@@ -2,7 +2,6 @@
 self-speculative chat, called directly with plain values on the tiny model."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import gradio as gr
 import plotly.graph_objects as go
@@ -18,19 +17,6 @@ FOLD = "FoldGPT (remove, then share in groups)"
 FLEXI = "FlexiGPT (share a donor + adapter)"
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, _tiny_llama_base, tiny_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-model")
-    _tiny_llama_base.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture
-def request_(request):
-    key = f"test-{request.node.name}"
-    yield SimpleNamespace(session_hash=key)
-    session.drop(key)
 
 
 def _quiet(*args, **kwargs):

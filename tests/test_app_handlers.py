@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import gradio as gr
 import plotly.graph_objects as go
@@ -14,21 +13,6 @@ from app.tabs import model as model_tab
 from app.tabs import plan as plan_tab
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, _tiny_llama_base, tiny_tokenizer):
-    """A real checkpoint folder of the 6-block tiny LLaMA: the app loads it like any model."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    _tiny_llama_base.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture
-def request_(request):
-    """A stand-in for gr.Request: handlers only read ``session_hash``."""
-    key = f"test-{request.node.name}"
-    yield SimpleNamespace(session_hash=key)
-    session.drop(key)
 
 
 def test_build_demo_constructs_without_launching():

@@ -7,19 +7,12 @@ of every tab into ``test-artifacts/screenshots/``. Skips cleanly without Chromiu
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from app_server import running_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -35,61 +28,13 @@ if not Path(CHROMIUM).exists():
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
     """The app in a subprocess; always killed at the end (its whole process group)."""
-    port = _free_port()
     SHOTS.mkdir(parents=True, exist_ok=True)
-    log = open(SHOTS.parent / "app-server.log", "w")
-    # A fresh analysis cache, so "scores on a cold cache" is measured every run; the converted
-    # embedded model is shared through a link (converting it again costs about 15 s).
-    real_cache = Path(os.environ.get("FLEXIGPT_CACHE") or Path.home() / ".cache" / "flexigpt").expanduser()
-    cache = Path(tempfile.mkdtemp(prefix="flexigpt-browser-cache-"))
-    if (real_cache / "models").is_dir():
-        (cache / "models").symlink_to(real_cache / "models", target_is_directory=True)
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "FLEXIGPT_CACHE": str(cache)}
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the app exited with {proc.returncode}; see {log.name}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the app did not answer on {url} within 90 s; see {log.name}")
-            time.sleep(0.2)
+    with running_app(SHOTS.parent / "app-server.log") as (url, _proc, start):
         TIMINGS["server answering after start (s)"] = time.perf_counter() - start
         yield url, start
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
-        log.close()
-        if (cache / "models").is_symlink():
-            (cache / "models").unlink()  # the link only, never the linked models
-        shutil.rmtree(cache, ignore_errors=True)
 
 
 def _tab(page, number: int) -> None:

@@ -10,20 +10,13 @@ server process tree stays under the configured cap. Prints the figures.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from app_server import running_app
 
 pytestmark = pytest.mark.slow
 
@@ -38,59 +31,13 @@ psutil = pytest.importorskip("psutil")
 gradio_client = pytest.importorskip("gradio_client")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The app in public mode in a subprocess (its own process group, always killed)."""
-    port = _free_port()
-    real_cache = Path(os.environ.get("FLEXIGPT_CACHE") or Path.home() / ".cache" / "flexigpt").expanduser()
-    cache = Path(tempfile.mkdtemp(prefix="flexigpt-load-cache-"))
-    if (real_cache / "models").is_dir():  # reuse the converted embedded model (a link, never modified)
-        (cache / "models").symlink_to(real_cache / "models", target_is_directory=True)
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "FLEXIGPT_CACHE": str(cache), "FLEXIGPT_MODE": "public", "FLEXIGPT_RSS_MB": str(RSS_CAP_MB),
-           "OMP_NUM_THREADS": "2"}
-    env.pop("SPACE_ID", None)
     log_path = tmp_path_factory.mktemp("load") / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the app exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the app did not answer on {url} within 90 s: {log_path.read_text()[-2000:]}")
-            time.sleep(0.3)
+    env = {"FLEXIGPT_MODE": "public", "FLEXIGPT_RSS_MB": str(RSS_CAP_MB), "OMP_NUM_THREADS": "2"}
+    with running_app(log_path, env) as (url, proc, _start):
         yield url, proc.pid, tmp_path_factory.mktemp("uploads")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
-        log.close()
-        if (cache / "models").is_symlink():
-            (cache / "models").unlink()
-        shutil.rmtree(cache, ignore_errors=True)
 
 
 class Tally:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
-import plotly.graph_objects as go
 
 from app import figures, limits, tables, text
 from app.common import PLANS_DIR, fmt_params, session_key, user_errors
