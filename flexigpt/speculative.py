@@ -276,6 +276,7 @@ def speculative_reply(model: nn.Module, tokenizer, messages, *, draft: nn.Module
     if new and new[-1] in eos:
         new = new[:-1]
     text = tokenizer.decode(new, skip_special_tokens=True).replace(ZERO_WIDTH_SPACE, "")
+    # the same post-processing as flexigpt.chat.stream_reply, so the two texts compare equal
     if not prompt.templated and "\nUser:" in text:
-        text = text.split("\nUser:")[0]
-    return text.strip(), result
+        return text.split("\nUser:")[0].strip(), result
+    return text.lstrip(), result
