@@ -44,6 +44,7 @@ __all__ = [
     "refuse_remote_code",
     "tiny_llama",
     "tiny_opt",
+    "unique_numel",
 ]
 
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -258,16 +259,21 @@ def load_model(ref: str = "default", *, dtype: str | torch.dtype = "float32", de
     return LoadedModel(model=model, tokenizer=tok, ref=ref, source=source, load_seconds=time.perf_counter() - start)
 
 
-def parameter_count(model: nn.Module) -> int:
-    """Number of distinct parameter values (tied/shared tensors counted once)."""
+def unique_numel(params) -> int:
+    """Number of distinct values in ``params``: tensors sharing storage (same data_ptr) count once."""
     seen: set[tuple[int, int]] = set()
     total = 0
-    for p in model.parameters():
+    for p in params:
         key = (p.data_ptr(), p.numel())
         if key not in seen:
             seen.add(key)
             total += p.numel()
     return total
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Number of distinct parameter values (tied/shared tensors counted once)."""
+    return unique_numel(model.parameters())
 
 
 def fingerprint(model: nn.Module) -> str:

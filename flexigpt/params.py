@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from flexigpt.arch import arch_of, block_linears, get_blocks, get_submodule
+from flexigpt.models import unique_numel
 from flexigpt.plan import AdapterSpec, Plan
 
 __all__ = ["ParamCounts", "estimate_params", "matched_lora_rank", "measure_params", "params_table", "rank_caps"]
@@ -40,27 +41,16 @@ class ParamCounts:
         return asdict(self)
 
 
-def _unique_numel(params) -> int:
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for p in params:
-        key = (p.data_ptr(), p.numel())
-        if key not in seen:
-            seen.add(key)
-            total += p.numel()
-    return total
-
-
 def measure_params(model: nn.Module) -> ParamCounts:
     """Count a built (or any supported) model's parameters by inspecting its tensors."""
     blocks = get_blocks(model)
     in_blocks = {id(p) for p in blocks.parameters()}
     outside = [p for p in model.parameters() if id(p) not in in_blocks]
-    run = _unique_numel(outside) + sum(_unique_numel(b.parameters()) for b in blocks)
+    run = unique_numel(outside) + sum(unique_numel(b.parameters()) for b in blocks)
     return ParamCounts(
-        stored=_unique_numel(model.parameters()),
+        stored=unique_numel(model.parameters()),
         run=run,
-        trainable=_unique_numel(p for p in model.parameters() if p.requires_grad),
+        trainable=unique_numel(p for p in model.parameters() if p.requires_grad),
     )
 
 

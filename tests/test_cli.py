@@ -36,7 +36,7 @@ def test_bad_model_exit_2_without_traceback(capsys):
 
 
 def test_help_for_every_command():
-    for name in ("info",):
+    for name in COMMANDS:
         proc = subprocess.run([sys.executable, "-m", "flexigpt", name, "--help"], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0 and "--json" in proc.stdout
 
