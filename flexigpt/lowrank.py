@@ -9,16 +9,17 @@ plus the best rank-r correction leaves the residual
 so only the singular values of D are needed, and every rank comes from one decomposition.
 ``e(i, j) = e(j, i)``, so each unordered pair is decomposed once.
 
-Why this is fast and still exact (measured on a 2-core CPU, the embedded SmolLM2, 435 pairs x
-7 matrices): ``svdvals`` of each D costs about 110 s and a float64 Gram + ``eigvalsh`` about 47 s.
-Here the Gram of D is built on the smaller side from cross products, ``G_ij = G_i + G_j - C_ij - C_ij^T``
-with ``C_ij = W_i^T W_j`` computed for all donors j of one block i by a single large matrix product,
-and its eigenvalues come from float32 ``eigvalsh`` run on two worker threads. float32 is exact to
-well below 1e-4 relative as long as the residual keeps a sizeable share of ||D||^2 (different
-blocks' weights are nearly orthogonal, so it keeps about 80%); pairs where it does not (near
-copies: cancellation in ``G_ij`` or in the tail sum) are recomputed in float64 from D itself.
-The residual is ``trace(G_ij) - sum of the top r eigenvalues``: with the residual at about 80% of
-the trace there is no cancellation, and where it is below 5% the float64 redo takes over.
+Why this is fast and still exact (2-core CPU, the embedded SmolLM2, 435 pairs x 7 matrices):
+``svdvals`` of each D costs about 110 s and a float64 Gram + ``eigvalsh`` about 47 s. Here each
+pair costs one symmetric product ``G = D^T D`` on the smaller side (BLAS ``ssyrk``, half the flops
+of a general product) and the top ``max(ranks)`` eigenvalues of G (LAPACK ``ssyevr`` with an index
+range); the residual is ``trace(G) - sum of the top r eigenvalues``. Both kernels run on all cores
+at once, one pair per core, with the GIL released (``flexigpt.lapack``). Forming D first (rather
+than ``G_i + G_j - W_i^T W_j - W_j^T W_i``) leaves no cancellation in G even for near copies. Float32
+is exact to well below 1e-4 relative while the residual keeps a sizeable share of ``||D||^2``
+(different blocks' weights are nearly orthogonal, so it keeps about 80%); where it keeps under 5%
+(a delta of rank about r), the subtraction would cancel, so the pair is redone in float64 with
+every eigenvalue and the tail summed directly.
 
 The literal paper variant compares rank-r reconstructions ``W^_i - W^_j`` (rank <= 2r) and keeps
 ``sqrt(sum_{k=r+1..2r} sigma_k^2)``; it is computed from each block's top-r factors and the
@@ -32,14 +33,10 @@ import concurrent.futures as cf
 import threading
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
-try:  # optional: a faster partial eigensolver (SciPy is installed with scikit-learn / lm-eval)
-    from scipy.linalg import lapack as _lapack
-    from threadpoolctl import threadpool_limits as _threadpool_limits
-except ImportError:  # pragma: no cover - the torch route is used instead
-    _lapack = None
-    _threadpool_limits = None
+from flexigpt import lapack
 
 __all__ = [
     "svd_factor",
@@ -49,8 +46,8 @@ __all__ = [
     "top_factors",
 ]
 
-# Below this share of ||D||^2 left in the residual (or of ||W_i||^2 + ||W_j||^2 left in ||D||^2),
-# float32 loses digits to cancellation and the pair is redone in float64.
+# Below this share of ||D||^2 left in the residual, trace(G) - (top eigenvalues) loses digits to
+# cancellation in float32, and the pair is redone in float64.
 _FP64_SHARE = 0.05
 
 
@@ -93,56 +90,25 @@ def _oriented(w: torch.Tensor) -> torch.Tensor:
     return w if w.shape[-2] >= w.shape[-1] else w.transpose(-2, -1)
 
 
-def _top_eigvalsh(g: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` largest eigenvalues (ascending) of each symmetric float32 matrix in ``g``.
-
-    SciPy's LAPACK ``ssyevr`` with an index range skips the eigenvalues we do not need and ran 1.5x
-    faster than ``torch.linalg.eigvalsh`` on 576 x 576 Gram matrices (one thread each, measured);
-    without SciPy, the full torch route gives the same numbers.
-    """
-    n = g.shape[-1]
-    if _lapack is None or k >= n:
-        return torch.linalg.eigvalsh(g)[..., n - k :]
-    out = []
-    for x in g.numpy():
-        # x.T is the same symmetric matrix in Fortran order, so no copy is made.
-        w, _, m, _, info = _lapack.ssyevr(x.T, compute_v=0, range="I", il=n - k + 1, iu=n, lower=1)
-        if info != 0 or m != k:  # LAPACK did not converge: the full torch route for this one
-            out.append(torch.linalg.eigvalsh(torch.from_numpy(x.copy()))[n - k :])
-        else:
-            out.append(torch.from_numpy(w[:k].copy()))
-    return torch.stack(out)
-
-
-def _tail_sums(eig_ascending: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
-    """``(R, P)`` sums of the smallest ``n - r`` eigenvalues (clamped at 0) in float64."""
-    ev = eig_ascending.double().clamp_min(0)
-    n = ev.shape[-1]
-    return torch.stack([ev[:, : max(n - r, 0)].sum(-1) for r in ranks])
+def _check_ranks(ranks: Sequence[int], n: int, shape: Sequence[int]) -> None:
+    bad = [r for r in ranks if not 1 <= r <= n]
+    if bad:
+        raise ValueError(f"rank {bad[0]} is outside 1..{n} for {tuple(shape)} matrices")
 
 
 def _parallel_map(fn: Callable, items: Sequence, workers: int) -> list:
-    """``[fn(x) for x in items]`` on ``workers`` threads, each running single-threaded torch.
+    """``[fn(x) for x in items]`` on ``workers`` threads, each running single-threaded BLAS.
 
-    Why not torch's own threads: LAPACK's tridiagonal reduction of a 576 x 576 matrix is bound by
-    memory traffic and barely speeds up with more BLAS threads, and on a busy machine OpenMP barriers
-    made a batched ``eigvalsh`` ten times slower (measured). Independent items on separate threads
-    scale on 2 cores and overlap the matrix products with the eigenvalue steps. ``torch.set_num_threads``
-    is process-wide, so it is restored afterwards.
+    Why not BLAS's own threads: LAPACK's tridiagonal reduction of a 576 x 576 matrix is bound by
+    memory traffic and barely speeds up with more threads, and on a busy machine OpenMP barriers
+    made a batched ``eigvalsh`` ten times slower (measured). Independent problems on separate
+    threads scale on 2 cores; ``flexigpt.lapack`` releases the GIL for each kernel.
     """
     if workers <= 1 or len(items) < 2:
-        return [fn(x) for x in items]
-    previous = torch.get_num_threads()
-    # Limit SciPy's BLAS before torch's: restoring in reverse order gives both their original values.
-    limits = _threadpool_limits(1, user_api="blas") if _threadpool_limits is not None else None
-    torch.set_num_threads(1)
-    try:
-        with cf.ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(fn, items))
-    finally:
-        if limits is not None:
-            limits.restore_original_limits()
-        torch.set_num_threads(previous)
+        with lapack.blas_single_thread():
+            return [fn(x) for x in items]
+    with lapack.blas_single_thread(), cf.ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
 
 
 def pair_residuals(
@@ -161,54 +127,49 @@ def pair_residuals(
         pairs: ``(i, j)`` block pairs; each is decomposed once (the residual is symmetric).
         ranks: ranks r, each ``1 <= r <= min(d_out, d_in)``.
         workers: threads (default: ``torch.get_num_threads()``).
-        chunk: pairs per work item (same first block i, one matrix product for all of them).
+        chunk: pairs per work item (and per progress report).
         progress: called with the number of pairs just finished.
 
     Returns:
         ``(residual, delta_norm)``: ``(len(ranks), P)`` residuals and ``(P,)`` values of ``||D||_F``, float64.
     """
-    w = _oriented(weights.detach().float()).contiguous()  # (L, m, n), m >= n
+    wt = _oriented(weights.detach().float()).contiguous()  # (L, m, n), m >= n
+    w = wt.numpy()
     L, m, n = w.shape
-    bad = [r for r in ranks if not 1 <= r <= n]
-    if bad:
-        raise ValueError(f"rank {bad[0]} is outside 1..{n} for {tuple(weights.shape[-2:])} matrices")
+    _check_ranks(ranks, n, weights.shape[-2:])
     workers = workers or torch.get_num_threads()
     rmax = max(ranks)
-    sq = (w.double() ** 2).sum((-2, -1))  # (L,) ||W_i||^2
-    grams = w.transpose(-2, -1) @ w  # (L, n, n)
-    wcat = w.permute(1, 0, 2).reshape(m, L * n)  # (m, L*n): block j's columns are j*n:(j+1)*n
-    by_first: dict[int, list[int]] = {}
-    for idx, (i, j) in enumerate(pairs):
-        by_first.setdefault(int(i), []).append(idx)
-    items = [(i, idxs[s : s + chunk]) for i, idxs in by_first.items() for s in range(0, len(idxs), chunk)]
-    res = torch.zeros(len(ranks), len(pairs), dtype=torch.float64)
-    dnorm2 = torch.zeros(len(pairs), dtype=torch.float64)
+    res = np.zeros((len(ranks), len(pairs)), dtype=np.float64)
+    dnorm2 = np.zeros(len(pairs), dtype=np.float64)
     lock = threading.Lock()
+    local = threading.local()
+    step = max(int(chunk), 1)
+    items = [list(range(s, min(s + step, len(pairs)))) for s in range(0, len(pairs), step)]
 
-    def work(item: tuple[int, list[int]]) -> None:
-        i, part = item
-        js = [int(pairs[k][1]) for k in part]
-        contiguous = js == list(range(js[0], js[0] + len(js)))
-        cols = wcat[:, js[0] * n : (js[-1] + 1) * n] if contiguous else w[js].permute(1, 0, 2).reshape(m, -1)
-        cross = (w[i].T @ cols).view(n, len(js), n).transpose(0, 1)  # (J, n, n): C_ij = W_i^T W_j
-        g = grams[i] + grams[js] - cross - cross.transpose(-2, -1)
-        dn2 = torch.diagonal(g, dim1=-2, dim2=-1).double().sum(-1)  # trace of G_ij = ||D||^2
-        top = _top_eigvalsh(g, rmax).double().clamp_min(0)  # ascending, (J, rmax)
-        tails = torch.stack([(dn2 - top[:, rmax - r :].sum(-1)).clamp_min(0) for r in ranks])
-        # float64 redo where cancellation can bite: near-copies, or residuals tiny next to ||D||^2.
-        risky = (dn2 < _FP64_SHARE * (sq[i] + sq[js])) | (tails.min(0).values < _FP64_SHARE * dn2)
-        for k in risky.nonzero().flatten().tolist():
-            d = w[i].double() - w[js[k]].double()
-            dn2[k] = (d**2).sum()
-            tails[:, k] = _tail_sums(torch.linalg.eigvalsh(d.T @ d)[None], ranks)[:, 0]
-        res[:, part] = tails.sqrt()
-        dnorm2[part] = dn2
+    def work(part: list[int]) -> None:
+        if getattr(local, "buffers", None) is None:  # one D and one G buffer per worker thread
+            local.buffers = (np.empty((m, n), dtype=np.float32), np.empty((n, n), dtype=np.float32))
+        d, g = local.buffers
+        for k in part:
+            i, j = int(pairs[k][0]), int(pairs[k][1])
+            np.subtract(w[i], w[j], out=d)
+            lapack.gram(d, out=g)
+            dn2 = float(np.diagonal(g).sum(dtype=np.float64))  # trace(G) = ||D||^2
+            top = lapack.top_eigh(g, rmax).astype(np.float64).clip(min=0)  # ascending
+            tails = [max(dn2 - float(top[rmax - r :].sum()), 0.0) for r in ranks]
+            if min(tails) < _FP64_SHARE * dn2:  # a delta of rank about r: sum the tail directly
+                dd = wt[i].double() - wt[j].double()
+                ev = torch.linalg.eigvalsh(dd.T @ dd).clamp_min(0)
+                dn2 = float(dd.pow(2).sum())
+                tails = [float(ev[: n - r].sum()) for r in ranks]
+            res[:, k] = np.sqrt(tails)
+            dnorm2[k] = dn2
         if progress is not None:
             with lock:
                 progress(len(part))
 
     _parallel_map(work, items, workers)
-    return res, dnorm2.clamp_min(0).sqrt()
+    return torch.from_numpy(res), torch.from_numpy(dnorm2).clamp_min(0).sqrt()
 
 
 def top_factors(weights: torch.Tensor, rank: int, *, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -222,24 +183,18 @@ def top_factors(weights: torch.Tensor, rank: int, *, workers: int | None = None)
         ``(U, S, V)`` with shapes ``(L, m, r)``, ``(L, r)``, ``(L, n, r)`` where ``(m, n)`` is the
         matrix shape with ``m >= n``; float64 ``S``, float32 ``U``/``V``.
     """
-    w = _oriented(weights.detach().float())
+    w = _oriented(weights.detach().float()).contiguous()
+    n = w.shape[-1]
+    _check_ranks([rank], n, weights.shape[-2:])
+
     # float32 eigenpairs of the small-side Gram: the top-r directions of trained weights are well
     # separated from the bulk, and the variant only needs them to float32 accuracy.
-    n = w.shape[-1]
+    def top(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # (m, n) -> ascending (rank,), (n, rank)
+        return lapack.top_eigh(lapack.gram(x), rank, vectors=True)
 
-    def top(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (n, n) -> ascending (rank,), (n, rank)
-        g = x.T @ x
-        if _lapack is not None and rank < n:
-            vals, vecs, m, _, info = _lapack.ssyevr(g.numpy().T, compute_v=1, range="I", il=n - rank + 1, iu=n, lower=1)
-            if info == 0 and m == rank:
-                return torch.from_numpy(vals[:rank].copy()), torch.from_numpy(vecs[:, :rank].copy())
-        vals, vecs = torch.linalg.eigh(g)
-        return vals[n - rank :], vecs[:, n - rank :]
-
-    parts = _parallel_map(top, list(w), workers or torch.get_num_threads())
-    evals = torch.stack([p[0] for p in parts])
-    evecs = torch.stack([p[1] for p in parts])  # ascending order along the last axis
-    v = evecs.flip(-1)  # (L, n, r)
+    parts = _parallel_map(top, list(w.numpy()), workers or torch.get_num_threads())
+    evals = torch.from_numpy(np.stack([p[0] for p in parts]))
+    v = torch.from_numpy(np.stack([p[1] for p in parts])).flip(-1).contiguous()  # (L, n, r), descending
     s = evals.flip(-1).double().clamp_min(0).sqrt()  # (L, r)
     u = (w @ v) / s.float().clamp_min(1e-30)[:, None, :]
     return u, s, v
@@ -253,8 +208,8 @@ def paper_residuals(
     ``W^ = U_r S_r V_r^T`` is each block's own rank-r reconstruction, so ``W^_i - W^_j = A B^T`` with
     ``A = [U_i S_i, -U_j S_j]`` and ``B = [V_i, V_j]`` (rank <= 2r). Its squared singular values are
     the eigenvalues of ``Kb^{1/2} Ka Kb^{1/2}`` with ``Ka = A^T A`` and ``Kb = B^T B`` (2r x 2r), which
-    need only the cross products ``U_i^T U_j`` and ``V_i^T V_j``. The residual is
-    ``sqrt(sum_{k=r+1..2r} sigma_k^2)``.
+    need only the cross products ``U_i^T U_j`` and ``V_i^T V_j``: all of them come from one product
+    of the stacked factors. The residual is ``sqrt(sum_{k=r+1..2r} sigma_k^2)``.
 
     Returns:
         ``(len(ranks), P)`` float64 residuals.
@@ -262,35 +217,42 @@ def paper_residuals(
     out = torch.zeros(len(ranks), len(pairs), dtype=torch.float64)
     if not pairs:
         return out
-    n = min(weights.shape[-2:])
-    bad = [r for r in ranks if not 1 <= r <= n]
-    if bad:
-        raise ValueError(f"rank {bad[0]} is outside 1..{n} for {tuple(weights.shape[-2:])} matrices")
-    u_all, s_all, v_all = top_factors(weights, max(ranks), workers=workers)
+    _check_ranks(ranks, min(weights.shape[-2:]), weights.shape[-2:])
+    workers = workers or torch.get_num_threads()
+    rmax = max(ranks)
+    u_all, s_all, v_all = top_factors(weights, rmax, workers=workers)
+    L = u_all.shape[0]
+
+    def cross(f: torch.Tensor) -> torch.Tensor:  # (L, d, R) -> (L, R, L, R) of f_i^T f_j
+        flat = f.double().permute(1, 0, 2).reshape(f.shape[1], L * rmax)
+        return (flat.T @ flat).view(L, rmax, L, rmax)
+
+    uu_all, vv_all = cross(u_all), cross(v_all)
     ii = torch.tensor([int(p[0]) for p in pairs])
     jj = torch.tensor([int(p[1]) for p in pairs])
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # many tiny (2r x 2r) problems: threading only adds barrier waits
-    try:
+    uu, vv = uu_all[ii, :, jj, :], vv_all[ii, :, jj, :]  # (P, R, R)
+    si, sj = s_all[ii], s_all[jj]  # (P, R)
+    # Many tiny (2r x 2r) problems: split over the workers, each on one thread.
+    bounds = torch.linspace(0, len(pairs), workers + 1).round().long().tolist()
+    spans = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    def run(span: tuple[int, int]) -> None:
+        a, b = span
         for ridx, r in enumerate(ranks):
-            out[ridx] = _paper_rank(u_all, s_all, v_all, ii, jj, r)
-    finally:
-        torch.set_num_threads(previous)
+            out[ridx, a:b] = _paper_rank(uu[a:b, :r, :r], vv[a:b, :r, :r], si[a:b, :r], sj[a:b, :r])
+
+    _parallel_map(run, spans, workers)
     return out
 
 
-def _paper_rank(u_all, s_all, v_all, ii, jj, r: int) -> torch.Tensor:
-    """Paper-variant residuals of all pairs ``(ii, jj)`` at one rank (see ``paper_residuals``)."""
-    u, s, v = u_all[..., :r].double(), s_all[:, :r], v_all[..., :r].double()
-    uu = u[ii].transpose(-2, -1) @ u[jj]  # (P, r, r)
-    vv = v[ii].transpose(-2, -1) @ v[jj]
-    si, sj = s[ii], s[jj]
-    eye = torch.eye(r, dtype=torch.float64).expand(len(ii), r, r)
+def _paper_rank(uu: torch.Tensor, vv: torch.Tensor, si: torch.Tensor, sj: torch.Tensor) -> torch.Tensor:
+    """Paper-variant residuals at one rank r from ``U_i^T U_j``, ``V_i^T V_j`` (``(P, r, r)``) and
+    the singular values ``S_i``, ``S_j`` (``(P, r)``); see ``paper_residuals``."""
+    p, r = si.shape
+    eye = torch.eye(r, dtype=torch.float64).expand(p, r, r)
+    off = -si[:, :, None] * uu * sj[:, None, :]
     ka = torch.cat(
-        [
-            torch.cat([torch.diag_embed(si**2), -si[:, :, None] * uu * sj[:, None, :]], -1),
-            torch.cat([-(si[:, :, None] * uu * sj[:, None, :]).transpose(-2, -1), torch.diag_embed(sj**2)], -1),
-        ],
+        [torch.cat([torch.diag_embed(si**2), off], -1), torch.cat([off.transpose(-2, -1), torch.diag_embed(sj**2)], -1)],
         -2,
     )
     kb = torch.cat([torch.cat([eye, vv], -1), torch.cat([vv.transpose(-2, -1), eye], -1)], -2)
