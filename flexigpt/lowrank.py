@@ -18,8 +18,8 @@ at once, one pair per core, with the GIL released (``flexigpt.lapack``). Forming
 than ``G_i + G_j - W_i^T W_j - W_j^T W_i``) leaves no cancellation in G even for near copies. Float32
 is exact to well below 1e-4 relative while the residual keeps a sizeable share of ``||D||^2``
 (different blocks' weights are nearly orthogonal, so it keeps about 80%); where it keeps under 5%
-(a delta of rank about r), the subtraction would cancel, so the pair is redone in float64 with
-every eigenvalue and the tail summed directly.
+(a delta of rank about r), ``trace(G) - top`` would cancel, so the pair is redone in float64 with
+every eigenvalue and the tail summed directly; so is any pair where ``ssyevr`` does not converge.
 
 The literal paper variant compares rank-r reconstructions ``W^_i - W^_j`` (rank <= 2r) and keeps
 ``sqrt(sum_{k=r+1..2r} sigma_k^2)``; it is computed from each block's top-r factors and the
@@ -155,8 +155,11 @@ def pair_residuals(
             np.subtract(w[i], w[j], out=d)
             lapack.gram(d, out=g)
             dn2 = float(np.diagonal(g).sum(dtype=np.float64))  # trace(G) = ||D||^2
-            top = lapack.top_eigh(g, rmax).astype(np.float64).clip(min=0)  # ascending
-            tails = [max(dn2 - float(top[rmax - r :].sum()), 0.0) for r in ranks]
+            try:
+                top = lapack.top_eigh(g, rmax).astype(np.float64).clip(min=0)  # ascending
+                tails = [max(dn2 - float(top[rmax - r :].sum()), 0.0) for r in ranks]
+            except np.linalg.LinAlgError:
+                tails = [0.0]  # not converged: the float64 route below
             if min(tails) < _FP64_SHARE * dn2:  # a delta of rank about r: sum the tail directly
                 dd = wt[i].double() - wt[j].double()
                 ev = torch.linalg.eigvalsh(dd.T @ dd).clamp_min(0)
@@ -190,7 +193,10 @@ def top_factors(weights: torch.Tensor, rank: int, *, workers: int | None = None)
     # float32 eigenpairs of the small-side Gram: the top-r directions of trained weights are well
     # separated from the bulk, and the variant only needs them to float32 accuracy.
     def top(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # (m, n) -> ascending (rank,), (n, rank)
-        return lapack.top_eigh(lapack.gram(x), rank, vectors=True)
+        try:
+            return lapack.top_eigh(lapack.gram(x), rank, vectors=True)
+        except np.linalg.LinAlgError:  # not converged: torch's full eigh for this block
+            return lapack.top_eigh(lapack.gram(x, native=False), rank, vectors=True, native=False)
 
     parts = _parallel_map(top, list(w.numpy()), workers or torch.get_num_threads())
     evals = torch.from_numpy(np.stack([p[0] for p in parts]))

@@ -96,3 +96,16 @@ def test_embedded_model_residuals_equal_float64_svdvals(smollm):
         ref = residual_from_svdvals(torch.linalg.svdvals(d), (8, 32))
         assert float(((res - ref).abs() / ref).max()) < 1e-4, name
         assert torch.allclose(dnorm, d.pow(2).sum((-2, -1)).sqrt(), rtol=1e-5), name
+
+
+def test_a_solver_failure_falls_back_to_float64(monkeypatch):
+    w = torch.randn(3, 14, 10, generator=torch.Generator().manual_seed(5))
+    pairs = [(0, 1), (1, 2)]
+    good, _ = pair_residuals(w, pairs, (3,))
+
+    def fail(*args, **kwargs):
+        raise np.linalg.LinAlgError("ssyevr did not converge (info=1, found 0 of 3)")
+
+    monkeypatch.setattr(lapack, "top_eigh", fail)
+    again, _ = pair_residuals(w, pairs, (3,))
+    assert torch.allclose(good, again, rtol=1e-5)
