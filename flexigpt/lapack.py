@@ -106,6 +106,8 @@ def gram(d: np.ndarray, out: np.ndarray | None = None, *, native: bool | None = 
         return out
     if out is None:
         out = np.empty((n, n), dtype=np.float32)
+    elif _f32_c(out, "out").shape != (n, n):
+        raise ValueError(f"out must have shape {(n, n)}, got {out.shape}")
     a = _Args()
     # column-major: A = D^T is (n x m) with lda = n; C = A A^T = D^T D (n x n)
     _SSYRK(a.char("U"), a.char("N"), a.int(n), a.int(m), a.float(1.0), d.ctypes.data, a.int(n),
@@ -116,7 +118,7 @@ def gram(d: np.ndarray, out: np.ndarray | None = None, *, native: bool | None = 
 def top_eigh(g: np.ndarray, k: int, *, vectors: bool = False, native: bool | None = None):
     """The ``k`` largest eigenvalues (ascending) of a symmetric float32 matrix, optionally with vectors.
 
-    Reads the column-major upper triangle of ``g`` (as ``gram`` writes it) and overwrites ``g``.
+    Reads the column-major upper triangle of ``g`` (as ``gram`` writes it); ``g`` may be overwritten.
 
     Returns:
         ``values`` of shape ``(k,)``, or ``(values, vecs)`` with ``vecs`` of shape ``(n, k)``

@@ -52,6 +52,8 @@ def test_bad_arguments_are_refused():
         lapack.gram(np.zeros((3, 2)))
     with pytest.raises(ValueError, match="C-contiguous"):
         lapack.gram(np.zeros((3, 4), dtype=np.float32).T)
+    with pytest.raises(ValueError, match=r"out must have shape \(2, 2\)"):
+        lapack.gram(np.zeros((3, 2), dtype=np.float32), out=np.zeros((3, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="k=5 must be in 1..4"):
         lapack.top_eigh(np.eye(4, dtype=np.float32), 5)
 
