@@ -10,8 +10,9 @@ are called through the function pointers that SciPy publishes for Cython
 (``scipy.linalg.cython_blas`` / ``cython_lapack``), with ctypes, which releases the GIL for the
 duration of each call; independent problems then scale over the cores.
 
-Measured on one core, a 1536 x 576 delta: ``ssyrk`` 5.7 ms vs 9.6 ms for torch's ``D.T @ D``;
-``ssyevr`` (top 32 of 576) 6.4 ms vs 10.7 ms for ``torch.linalg.eigvalsh`` (all eigenvalues).
+Measured on one core, a 1536 x 576 delta (range over several runs): ``ssyrk`` 5.1-5.7 ms vs 9.6 ms
+for torch's ``D.T @ D``; ``ssyevr`` (top 32 of 576) 5.8-6.4 ms vs 10.7 ms for
+``torch.linalg.eigvalsh`` (all eigenvalues).
 
 Where SciPy or its Cython API is missing, the same functions fall back on torch (also GIL-free,
 slower): the results agree to float32 rounding either way.

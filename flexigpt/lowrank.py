@@ -155,12 +155,14 @@ def pair_residuals(
             np.subtract(w[i], w[j], out=d)
             lapack.gram(d, out=g)
             dn2 = float(np.diagonal(g).sum(dtype=np.float64))  # trace(G) = ||D||^2
+            tails = None
             try:
                 top = lapack.top_eigh(g, rmax).astype(np.float64).clip(min=0)  # ascending
                 tails = [max(dn2 - float(top[rmax - r :].sum()), 0.0) for r in ranks]
             except np.linalg.LinAlgError:
-                tails = [0.0]  # not converged: the float64 route below
-            if min(tails) < _FP64_SHARE * dn2:  # a delta of rank about r: sum the tail directly
+                pass  # not converged: the float64 route below
+            # the float64 route: not converged, or a delta of rank about r (sum the tail directly)
+            if tails is None or min(tails) < _FP64_SHARE * dn2:
                 dd = wt[i].double() - wt[j].double()
                 ev = torch.linalg.eigvalsh(dd.T @ dd).clamp_min(0)
                 dn2 = float(dd.pow(2).sum())
