@@ -15,7 +15,7 @@ from typing import Any
 
 from flexigpt.plan import (MAX_BLOCKS, MAX_RATIO, METHODS, AdapterSpec, ExtendSpec, NoteValue, Plan, _float, _int)
 
-__all__ = ["extend_plan", "foldgpt_plan", "plan_from_analysis", "plan_from_scores"]
+__all__ = ["extend_plan", "foldgpt_plan", "plan_from_analysis", "plan_from_scores", "suggested_donor"]
 
 
 def _nearest_kept(block: int, kept: Sequence[int]) -> int:
@@ -106,6 +106,19 @@ def plan_from_analysis(analysis: Mapping[str, Any], ratio: float, *, method: str
     bi = analysis["block_influence"]
     if not isinstance(bi, list) or len(bi) != L:
         raise ValueError(f"analysis block_influence must list {L} values, got {bi!r:.200}")
+    metric, rank, matrix = _donor_matrix(analysis, metric, rank)
+    notes = {"analysis_model": analysis["model"], "analysis_fingerprint": analysis.get("fingerprint"),
+             "analysis_data": analysis.get("data"), "analysis_samples": analysis.get("samples"),
+             "analysis_seq_len": analysis.get("seq_len"),
+             "donor_metric": metric if matrix is not None else "nearest kept block",
+             "donor_rank": rank if matrix is not None else None}
+    return plan_from_scores(str(analysis["model"]), bi, ratio, share_error=matrix, method=method, adapter=adapter,
+                            protect=protect, extend_mode=extend_mode, group_size=group_size, notes=notes)
+
+
+def _donor_matrix(analysis: Mapping[str, Any], metric: str | None = None, rank: int | None = None):
+    """``(metric, rank, matrix)``: the share-error matrix the analysis' ``donor_suggestion`` names
+    (``metric``/``rank`` override it); ``matrix`` is ``None`` when the analysis has no share error."""
     suggestion = analysis.get("donor_suggestion") or {}
     se = analysis.get("share_error") or {}
     metric = metric or suggestion.get("metric") or "relative"
@@ -115,13 +128,26 @@ def plan_from_analysis(analysis: Mapping[str, Any], ratio: float, *, method: str
     matrix = None
     if se and rank is not None:
         matrix = (se.get(metric) or {}).get(str(rank))
-    notes = {"analysis_model": analysis["model"], "analysis_fingerprint": analysis.get("fingerprint"),
-             "analysis_data": analysis.get("data"), "analysis_samples": analysis.get("samples"),
-             "analysis_seq_len": analysis.get("seq_len"),
-             "donor_metric": metric if matrix is not None else "nearest kept block",
-             "donor_rank": rank if matrix is not None else None}
-    return plan_from_scores(str(analysis["model"]), bi, ratio, share_error=matrix, method=method, adapter=adapter,
-                            protect=protect, extend_mode=extend_mode, group_size=group_size, notes=notes)
+    return metric, rank, matrix
+
+
+def suggested_donor(analysis: Mapping[str, Any] | None, plan: Plan, block: int) -> int | None:
+    """The donor an analysis suggests when ``block`` is pruned from a flexigpt ``plan`` by hand.
+
+    The kept block (after the edit) with the lowest share error in the matrix of the analysis'
+    ``donor_suggestion``, as ``plan_from_analysis`` picks donors; ``None`` when the analysis has no
+    share error, describes another depth, or has no value in that block's row (the plan's own
+    default, the nearest kept block, then applies).
+    """
+    if not isinstance(analysis, Mapping) or analysis.get("num_blocks") != plan.num_blocks:
+        return None
+    matrix = _donor_matrix(analysis)[2]
+    if not matrix or not 0 <= block < len(matrix) or all(v is None for v in matrix[block]):
+        return None
+    from flexigpt.sharing import choose_donors  # lazy: sharing imports torch
+
+    clean = [[float("nan") if v is None else float(v) for v in row] for row in matrix]
+    return choose_donors(clean, plan.drop(block).dropped_blocks)[block]
 
 
 def extend_plan(base_model: str, num_blocks: int, blocks: Iterable[int], mode: str = "block", *,

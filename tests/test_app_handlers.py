@@ -146,6 +146,11 @@ def test_story_on_the_tiny_model(tiny_folder, tiny_text_file, request_, monkeypa
     heat = fig.data[0]
     assert [y for y in heat.y] == [f"block {b}" for b in plan.dropped_blocks]  # rows: the plan's pruned blocks
     assert "←" in donors_md
+    # "auto (suggested)" on a hand edit is the share-error suggestion, as in the heatmap
+    b = plan.dropped_blocks[0]
+    suggested = session.work(request_.session_hash).analysis["donor_suggestion"]["donors"][str(b)]
+    kept_b = plan_tab.on_edit(plan, b, "keep", None, request_)
+    assert plan_tab.on_edit(kept_b, b, "prune", plan_tab.AUTO, request_).donors[b] == suggested
     per_matrix, _ = share_tab.on_share_view("absolute", 4, "q_proj", plan, request_)
     assert len(per_matrix.data[0].z) == 2
     with pytest.raises(gr.Error, match="pick at least one rank"):

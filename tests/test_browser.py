@@ -70,8 +70,8 @@ def _fill_number(page, elem_id: str, value: str) -> None:
 
 
 def test_full_story_in_chromium(server, capsys):
-    """The share-error computation is left out: cold, it takes minutes on 2 cores (the handler
-    tests compute it on the tiny model); the Share tab is still rendered and photographed."""
+    """Every tab from left to right, as a visitor goes: the share error is computed for the plan
+    that the block scores proposed (its pruned x kept blocks), before the plan is edited."""
     url, server_start = server
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -110,6 +110,16 @@ def test_full_story_in_chromium(server, capsys):
             bar_text = page.locator("#scores-plot").inner_text()
             assert "block id (0-based)" in bar_text
 
+            # 3. the share tab: the exact share error of the proposed plan's pruned x kept blocks, cold
+            _tab(page, 3)
+            t = time.perf_counter()
+            page.locator("#share-btn").click()
+            _wait_text(page, "#share-status", r"Share error at ranks \[8\] computed", 120)
+            TIMINGS["share error, proposed plan's pairs, rank 8, cold (s)"] = time.perf_counter() - t
+            _wait_text(page, "#share-donors", "Suggested donors", 30)
+            _shot(page, "3-share", "#share-plot")
+            assert "block" in page.locator("#share-plot").inner_text()
+
             # 4. plan: proposed from the scores at ratio 0.3; one hand edit, timed
             _tab(page, 4)
             _fill_number(page, "ratio", "0.3")
@@ -141,10 +151,6 @@ def test_full_story_in_chromium(server, capsys):
             saved = download_plan()
             assert saved["layer_map"] == plan["layer_map"] and saved["num_blocks"] == 30
             _shot(page, "4-plan", "#slots-plot")
-
-            # 3. the share tab (the heatmap needs an explicit, slower computation)
-            _tab(page, 3)
-            _shot(page, "3-share", "#share-plot")
 
             # 5. build + a short recovery
             _tab(page, 5)

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from flexigpt.plan import AdapterSpec, Plan, extend_plan, plan_from_analysis, plan_from_scores
+from flexigpt.proposals import suggested_donor
 
 
 def _plan(lm=(0, 1, 1, 3, 3, 5), method="flexigpt", **kw):
@@ -178,6 +179,19 @@ def test_plan_from_analysis_uses_the_suggested_metric():
     with pytest.raises(ValueError, match="format_version"):
         plan_from_analysis({**a, "format_version": 3}, 0.3)
     assert plan_from_analysis(a, 0.0).replaced_slots == ()
+
+
+def test_hand_pruned_block_gets_the_suggested_donor():
+    a = _analysis()
+    p = plan_from_analysis(a, 0.3)  # prunes 2 and 4, both from donor 6
+    assert p.drop(1).donors[1] == 0  # the plan's own default: the nearest kept block
+    assert suggested_donor(a, p, 1) == 6  # the analysis: block 6 has the lowest share error
+    assert suggested_donor(a, p.keep(2), 2) == 6
+    without = {k: v for k, v in a.items() if k != "share_error"}
+    assert suggested_donor(without, p, 1) is None
+    assert suggested_donor(_analysis(L=8) | {"num_blocks": 9}, p, 1) is None  # another depth
+    with pytest.raises(ValueError, match="donor of slots"):
+        suggested_donor(a, p, 6)  # 6 donates to slots 2 and 4: it cannot be pruned
 
 
 def test_extend_plan_validation():

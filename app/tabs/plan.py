@@ -114,8 +114,9 @@ def on_out_norm(plan, label: str):
 
 
 @user_errors
-def on_edit(plan, block, action: str, donor):
-    """Keep or prune one block, optionally with a hand-picked donor (0-based ids)."""
+def on_edit(plan, block, action: str, donor, request: gr.Request = None):
+    """Keep or prune one block, optionally with a hand-picked donor (0-based ids); the "auto"
+    donor is the share-error suggestion of this visit's analysis, else the nearest kept block."""
     if plan is None:
         raise ValueError("there is no plan yet: score the blocks and move the ratio slider first")
     b = limits.check_int("block", block, 0, plan.num_blocks - 1)
@@ -124,6 +125,10 @@ def on_edit(plan, block, action: str, donor):
     if action != "prune":
         raise ValueError(f"action must be 'keep' or 'prune', got {action!r}")
     d = None if donor in (None, "", AUTO) else limits.check_int("donor", donor, 0, plan.num_blocks - 1)
+    if d is None and plan.method == "flexigpt":
+        from flexigpt.proposals import suggested_donor
+
+        d = suggested_donor(work(session_key(request)).analysis, plan, b)
     if plan.method == "flexigpt" and b in plan.dropped_blocks and d is not None:
         return plan.with_donor(b, d)
     return plan.drop(b, d) if plan.method == "flexigpt" else plan.drop(b)
@@ -255,7 +260,7 @@ def out_norm_view(plan, label: str, request: gr.Request = None) -> tuple:
 
 
 def edit_view(plan, block, action: str, donor, request: gr.Request = None) -> tuple:
-    return _views(on_edit(plan, block, action, donor), request)
+    return _views(on_edit(plan, block, action, donor, request), request)
 
 
 def upload_view(file, request: gr.Request = None) -> tuple:
