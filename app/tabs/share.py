@@ -98,7 +98,7 @@ def on_refresh(metric: str, rank, view: str, plan=None, request: gr.Request = No
     rank = rank if rank in ranks else (ranks[-1] if ranks else None)
     view = view if view in views else AGGREGATED
     fig, md = on_share_view(metric, rank, view, plan, request) if rank is not None else (
-        figures.message_figure("Press 'Compute share error' to fill this heatmap (on 2 cores about 10 s for the plan's pairs, about 15 s for all pairs; then cached on disk)."), "")
+        figures.message_figure("Press 'Compute share error' to fill this heatmap (on 2 cores 10-15 s for the plan's pairs, about 15 s for all pairs; then cached on disk)."), "")
     return gr.update(choices=ranks, value=rank), gr.update(choices=views, value=view), fig, md
 
 
