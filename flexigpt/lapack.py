@@ -28,7 +28,7 @@ import threading
 import numpy as np
 import torch
 
-__all__ = ["NATIVE", "gram", "top_eigh", "blas_single_thread"]
+__all__ = ["NATIVE", "gram", "lower_product", "top_eigh", "blas_single_thread"]
 
 _P = ctypes.c_void_p
 
@@ -52,10 +52,11 @@ try:
     from threadpoolctl import threadpool_limits as _threadpool_limits
 
     _SSYRK = _pointer(_cython_blas, "ssyrk", 10)
+    _STRMM = _pointer(_cython_blas, "strmm", 11)
     _SSYEVR = _pointer(_cython_lapack, "ssyevr", 21)
     NATIVE = True
 except Exception:  # pragma: no cover - the torch fallback is exercised by forcing NATIVE off in a test
-    _SSYRK = _SSYEVR = _threadpool_limits = None
+    _SSYRK = _STRMM = _SSYEVR = _threadpool_limits = None
     NATIVE = False
 
 
@@ -114,6 +115,42 @@ def gram(d: np.ndarray, out: np.ndarray | None = None, *, native: bool | None = 
     _SSYRK(a.char("U"), a.char("N"), a.int(n), a.int(m), a.float(1.0), d.ctypes.data, a.int(n),
            a.float(0.0), out.ctypes.data, a.int(n))
     return out
+
+
+def lower_product(b: np.ndarray, s: np.ndarray, *, right: bool, native: bool | None = None) -> np.ndarray:
+    """In place: ``b <- b @ s`` (``right``) or ``b <- s^T @ b`` for a lower-triangular float32 ``s``.
+
+    BLAS ``strmm`` reads only the triangle and costs half a general product; the whitened share
+    error multiplies every weight delta by a Cholesky factor this way.
+
+    Args:
+        b: C-contiguous float32 ``(p, q)``, overwritten with the product.
+        s: C-contiguous float32 ``(q, q)`` (``right``) or ``(p, p)``; only its lower triangle is read.
+        native: force (``True``) or skip (``False``) the BLAS route; default: whenever available.
+
+    Returns:
+        ``b``.
+    """
+    b, s = _f32_c(b, "b"), _f32_c(s, "s")
+    p, q = b.shape
+    k = q if right else p
+    if s.shape != (k, k):
+        raise ValueError(f"s must have shape {(k, k)} for b of shape {b.shape} (right={right}), got {s.shape}")
+    if not (NATIVE if native is None else native and NATIVE):
+        low = torch.from_numpy(s).tril()
+        tb = torch.from_numpy(b)
+        b[...] = (tb @ low if right else low.T @ tb).numpy()
+        return b
+    a = _Args()
+    # Column-major views: b is B' = b^T (q x p, ldb q) and s is S' = s^T, an upper triangle.
+    # right: (b s)^T = s^T b^T = S' B' (side L, no transpose); left: (s^T b)^T = b^T s = B' S'^T.
+    if right:
+        _STRMM(a.char("L"), a.char("U"), a.char("N"), a.char("N"), a.int(q), a.int(p), a.float(1.0),
+               s.ctypes.data, a.int(q), b.ctypes.data, a.int(q))
+    else:
+        _STRMM(a.char("R"), a.char("U"), a.char("T"), a.char("N"), a.int(q), a.int(p), a.float(1.0),
+               s.ctypes.data, a.int(p), b.ctypes.data, a.int(q))
+    return b
 
 
 def top_eigh(g: np.ndarray, k: int, *, vectors: bool = False, native: bool | None = None):
