@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from flexigpt.arch import SUPPORTED, ArchSpec, arch_of, get_blocks, get_submodule, set_blocks
-from flexigpt.blockio import block_states, window_ids
+from flexigpt.residual_states import block_states, window_ids
 from flexigpt.surgery import structural_copy
 
 log = logging.getLogger(__name__)

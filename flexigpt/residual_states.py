@@ -1,4 +1,4 @@
-"""What enters and leaves each block? Hidden states captured with hooks, and blocks re-run on them.
+"""What enters and leaves each block? Residual states captured with hooks, and blocks re-run on them.
 
 Span replacement (``flexigpt.replaceme``, ``flexigpt.streamline``) and iterative selection
 (``flexigpt.selection``) all need the residual stream at block boundaries, and some need to run a
