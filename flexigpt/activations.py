@@ -87,6 +87,7 @@ class MomentCollector:
         self._owner: dict[int, dict[str, str]] = {b: {} for b in self.blocks}  # matrix -> accumulator key
         self._seen: dict[int, list[tuple[torch.Tensor, str]]] = {b: [] for b in self.blocks}
         self._scratch: dict[int, np.ndarray] = {}
+        self._tokens: dict[int, int] = {b: 0 for b in self.blocks}
         self._handles: list = []
 
     def __enter__(self) -> "MomentCollector":
@@ -123,6 +124,7 @@ class MomentCollector:
                 if acc is None:
                     acc = self._acc[b][key] = _Packed(int(x.shape[-1]))
                 acc.add(x, self._scratch)
+                self._tokens[b] = max(self._tokens[b], acc.tokens)
                 seen.append((x, key))
             if known is not None and known != key:
                 raise RuntimeError(f"block {b}: {name} shared its input with {known} in one pass and not in another")
@@ -133,7 +135,7 @@ class MomentCollector:
     @property
     def tokens(self) -> int:
         """Tokens seen by the collected blocks (0 before any pass)."""
-        return max((a.tokens for accs in self._acc.values() for a in accs.values()), default=0)
+        return max(self._tokens.values(), default=0)
 
     def groups(self, block: int) -> dict[str, tuple[str, ...]]:
         """``{accumulator key: matrix names reading that input}`` of one collected block."""

@@ -19,6 +19,13 @@ blocks (rank 8: 3->4, 12->11, 13->11, 14->8, 15->18, 16->19, 17->18, 25->27, 26-
 same except 16->18 and 25, 26 -> 0), which is the diverse, depth-local choice the paper's
 low-rank metric is meant to give. All three metrics are always reported, and any can be chosen.
 
+Function metric (``function``, the default whenever it is computed): blocks are nearly orthogonal
+in weight space (relative residual about 1.3 at rank 32, worse than no donor at all), while a slot
+must reproduce the pruned block's output on real inputs. The same calibration pass that scores the
+blocks collects every linear's input second moment (``flexigpt.activations``), and the whitened
+residual of each pruned x donor pair, plus each pruned block's no-donor residual, follow
+(``flexigpt.function_share``). A suggested donor that does not beat "no donor" is flagged.
+
 Paper: FlexiGPT (Smith et al., NAACL 2025), https://arxiv.org/abs/2501.14713
 """
 from __future__ import annotations
@@ -31,6 +38,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,18 +47,22 @@ import torch
 import torch.nn as nn
 
 from flexigpt import data as data_mod
+from flexigpt.activations import MomentCollector
 from flexigpt.arch import get_blocks
+from flexigpt.function_share import FUNCTION_METRIC, function_share_error
 from flexigpt.models import cache_dir, fingerprint
 from flexigpt.scoring import ppl_drop as run_ppl_drop
 from flexigpt.scoring import score_blocks
 from flexigpt.sharing import DONOR_METRICS, block_weights, choose_donors, degeneracy_warning, max_rank, share_error
+from flexigpt.whiten import DAMP
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMAT_VERSION", "DEFAULT_DONOR_METRIC", "Analysis", "analyze", "write_json"]
+__all__ = ["FORMAT_VERSION", "DEFAULT_DONOR_METRIC", "FUNCTION_METRIC", "METRICS", "Analysis", "analyze", "write_json"]
 
 FORMAT_VERSION = 1
-DEFAULT_DONOR_METRIC = "paper"
+DEFAULT_DONOR_METRIC = "paper"  # the default weight-space metric (and the default without the function metric)
+METRICS = DONOR_METRICS + (FUNCTION_METRIC,)
 _PAIRS = ("all", "subset")
 
 
@@ -70,6 +82,13 @@ class Analysis:
     @property
     def donors(self) -> dict[int, int]:
         return {int(k): int(v) for k, v in self.payload["donor_suggestion"]["donors"].items()}
+
+    @property
+    def suggested(self) -> dict[int, int | None]:
+        """``{pruned: donor}`` with ``None`` where no donor beats a slot without one."""
+        sugg = self.payload["donor_suggestion"]
+        picks = sugg.get("suggested") or sugg["donors"]
+        return {int(k): None if v == "none" else int(v) for k, v in picks.items()}
 
     @property
     def cached(self) -> bool:
@@ -94,6 +113,14 @@ class Analysis:
         if table is None or str(rank) not in table:
             raise ValueError(f"metric {metric!r} at rank {rank} is not in this analysis; ranks: {se['ranks']}")
         return table[str(rank)]
+
+    def no_donor(self, rank: int) -> list[float | None]:
+        """Per block: the function-space relative residual of a rank-r fit with no donor (None: not computed)."""
+        se = self.payload.get("share_error") or {}
+        table = ((se.get("no_donor") or {}).get(FUNCTION_METRIC) or {}).get(str(rank))
+        if table is None:
+            raise ValueError(f"no function-space no-donor residual at rank {rank} in this analysis")
+        return table
 
     def to_frame(self):
         """One row per block: BI, prune rank, single-block angular distance, ppl without it, suggested donor."""
@@ -151,8 +178,8 @@ def _validate(model: nn.Module, *, samples: int, seq_len: int, ranks: tuple[int,
         raise ValueError(f"ppl_samples must be a positive integer, got {ppl_samples!r}")
     if pairs not in _PAIRS:
         raise ValueError(f"pairs {pairs!r} is not one of {', '.join(_PAIRS)}")
-    if donor_metric not in DONOR_METRICS:
-        raise ValueError(f"unknown donor metric {donor_metric!r}; valid: {', '.join(DONOR_METRICS)}")
+    if donor_metric not in METRICS:
+        raise ValueError(f"unknown donor metric {donor_metric!r}; valid: {', '.join(METRICS)}")
     if not isinstance(ratio, (int, float)) or not 0 < ratio < 1 or int(round(ratio * L)) < 1:
         raise ValueError(f"ratio {ratio!r} must be in (0, 1) and prune at least one of {L} blocks (>= {0.5 / L:.3f})")
     return L
@@ -178,6 +205,35 @@ def write_json(obj: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def _share_json(se) -> dict[str, Any]:
+    ranks = se.ranks
+    return {
+        "ranks": list(ranks), "matrices": list(se.matrices), "pairs": se.pairs,
+        "rows": list(se.rows), "cols": list(se.cols),
+        "absolute": {str(r): _jsonable(se.absolute[r]) for r in ranks},
+        "relative": {str(r): _jsonable(se.relative[r]) for r in ranks},
+        "per_matrix": {
+            "absolute": {str(r): {n: _jsonable(se.per_matrix_absolute[r][n]) for n in se.matrices} for r in ranks},
+            "relative": {str(r): {n: _jsonable(se.per_matrix_relative[r][n]) for n in se.matrices} for r in ranks},
+        },
+        "paper": {str(r): _jsonable(se.paper[r]) for r in ranks},
+        "weight_norms": {n: se.weight_norms[n].tolist() for n in se.matrices},
+    }
+
+
+def _suggestion(se, fs, metric: str, rank: int, pruned: list[int]) -> dict[str, Any]:
+    """Donors for ``pruned`` from one metric; with ``function``, blocks no donor helps are flagged."""
+    table = fs.relative[rank] if metric == FUNCTION_METRIC else se.metric(metric, rank)
+    donors = choose_donors(torch.nan_to_num(table, nan=float("inf")), pruned)
+    block: dict[str, Any] = {
+        "metric": metric, "rank": rank, "pruned": pruned,
+        "donors": {str(i): j for i, j in donors.items()}, "warning": degeneracy_warning(donors),
+    }
+    if fs is not None:
+        block.update(fs.no_donor_flags(donors, rank, compare=metric == FUNCTION_METRIC))
+    return block
+
+
 def analyze(
     model: nn.Module,
     tokenizer: Any,
@@ -192,9 +248,10 @@ def analyze(
     ppl_samples: int = 4,
     pruned: Sequence[int] | None = None,
     pairs: str = "all",
-    donor_metric: str = DEFAULT_DONOR_METRIC,
+    donor_metric: str | None = None,
     ratio: float = 0.3,
     share: bool = True,
+    function: bool = True,
     use_cache: bool = True,
     progress: Callable[[float, str], None] | None = None,
     show_progress: bool = False,
@@ -211,9 +268,12 @@ def analyze(
         ppl_drop: also measure perplexity with each block removed, on ``ppl_samples`` held-out windows.
         pruned: candidate pruned blocks for ``pairs="subset"`` (default: the ``ratio`` lowest-BI blocks).
         pairs: ``"all"`` block pairs or ``"subset"`` (pruned rows x kept columns).
-        donor_metric: ``paper`` (default), ``relative`` or ``absolute``; the suggestion uses the largest rank.
+        donor_metric: ``function`` (the default when computed), ``paper`` (the default otherwise),
+            ``relative`` or ``absolute``; the suggestion uses the largest rank.
         ratio: share of blocks in the suggested pruned set (lowest BI first).
         share: compute the share-error matrix at all (False: scores only, ``share_error`` is null).
+        function: with ``share``, also the function-space (activation-aware) metric ``function``,
+            from the inputs each linear sees in the scoring pass.
         use_cache: read/write the on-disk cache.
         progress: ``progress(fraction, message)``.
 
@@ -222,8 +282,13 @@ def analyze(
     """
     t0 = time.perf_counter()
     ranks = _parse_ranks(ranks)
+    function = bool(function) and bool(share)
+    if donor_metric is None:
+        donor_metric = FUNCTION_METRIC if function else DEFAULT_DONOR_METRIC
     L = _validate(model, samples=samples, seq_len=seq_len, ranks=ranks, max_span=max_span, ppl_samples=ppl_samples,
                   pairs=pairs, donor_metric=donor_metric, ratio=ratio)
+    if donor_metric == FUNCTION_METRIC and not function:
+        raise ValueError("donor metric 'function' needs the function-space metric (share=True and function=True)")
     weights = block_weights(model) if share else None
     if weights is not None:
         limit = max_rank(weights)
@@ -241,6 +306,7 @@ def analyze(
         "seq_len": seq_len, "ranks": list(ranks), "max_span": max_span, "ppl_drop": ppl_drop,
         "ppl_samples": ppl_samples if ppl_drop else None, "pruned": pruned, "pairs": pairs,
         "donor_metric": donor_metric, "ratio": ratio, "share": share,
+        "function": {"damp": DAMP} if function else False,
     }
     path = _cache_path(key)
     if use_cache and path.is_file():
@@ -256,8 +322,11 @@ def analyze(
     windows = data_mod.token_windows(tokenizer, data, seq_len=seq_len, split="train", max_windows=samples)
     scores_weight = 0.3 if share else 0.9
     t = time.perf_counter()
-    scores = score_blocks(model, windows.input_ids, max_span=max_span,
-                          progress=lambda f, m: report(scores_weight * f, m), show_progress=show_progress)
+    # the linears' input moments come from the scoring pass itself: no second pass over the windows
+    collector = MomentCollector(model, blocks=pruned if pairs == "subset" else None) if function else None
+    with collector if collector is not None else nullcontext():
+        scores = score_blocks(model, windows.input_ids, max_span=max_span,
+                              progress=lambda f, m: report(scores_weight * f, m), show_progress=show_progress)
     timings = {"scores": time.perf_counter() - t}
     drop = None
     if ppl_drop:
@@ -274,27 +343,23 @@ def analyze(
         sugg_pruned = pruned if pruned is not None else suggested
         subset = sugg_pruned if pairs == "subset" else None
         base = scores_weight + (0.1 if ppl_drop else 0.0)
-        se = share_error(weights, ranks, pruned=subset, progress=lambda f, m: report(base + (1 - base) * f, m))
+        mid = base + (1 - base) * (0.4 if function else 1.0)
+        se = share_error(weights, ranks, pruned=subset, progress=lambda f, m: report(base + (mid - base) * f, m))
         timings["share_error"] = time.perf_counter() - t
-        share_obj = {
-            "ranks": list(ranks), "matrices": list(se.matrices), "pairs": se.pairs,
-            "rows": list(se.rows), "cols": list(se.cols),
-            "absolute": {str(r): _jsonable(se.absolute[r]) for r in ranks},
-            "relative": {str(r): _jsonable(se.relative[r]) for r in ranks},
-            "per_matrix": {
-                "absolute": {str(r): {n: _jsonable(se.per_matrix_absolute[r][n]) for n in se.matrices} for r in ranks},
-                "relative": {str(r): {n: _jsonable(se.per_matrix_relative[r][n]) for n in se.matrices} for r in ranks},
-            },
-            "paper": {str(r): _jsonable(se.paper[r]) for r in ranks},
-            "weight_norms": {n: se.weight_norms[n].tolist() for n in se.matrices},
-        }
-        rank = max(ranks)
-        matrix = torch.nan_to_num(se.metric(donor_metric, rank), nan=float("inf"))
-        donors = choose_donors(matrix, sugg_pruned)
-        donors_block = {
-            "metric": donor_metric, "rank": rank, "pruned": sugg_pruned,
-            "donors": {str(i): j for i, j in donors.items()}, "warning": degeneracy_warning(donors),
-        }
+        share_obj = _share_json(se)
+        fs = None
+        if function:
+            t = time.perf_counter()
+            rows = subset if subset is not None else list(range(L))
+            for b in set(collector.blocks) - set(rows):  # moments nobody will read
+                for k in collector.groups(b):
+                    collector.release(b, k)
+            fs = function_share_error(weights, collector, rows, ranks, cols=se.cols,
+                                      progress=lambda f, m: report(mid + (1 - mid) * f, m))
+            timings["function"] = time.perf_counter() - t
+            share_obj.update(fs.json_fields())
+            share_obj["per_matrix"][FUNCTION_METRIC] = fs.per_matrix_json()
+        donors_block = _suggestion(se, fs, donor_metric, max(ranks), sugg_pruned)
     timings["total"] = time.perf_counter() - t0
     payload = {
         "format_version": FORMAT_VERSION, "model": model_ref, "fingerprint": key["fingerprint"], "num_blocks": L,

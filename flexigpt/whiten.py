@@ -179,44 +179,57 @@ def whitened_residuals(
         by_row.setdefault(int(i), []).append(k)
     fetch = whiteners if callable(whiteners) else whiteners.__getitem__
     lock = threading.Lock()
-    for i, ks in by_row.items():
-        s64 = fetch(i).detach().to(torch.float64)
-        if s64.shape != (d_in, d_in):
-            raise ValueError(f"whitener of block {i} has shape {tuple(s64.shape)}, expected {(d_in, d_in)}")
-        s32 = s64.float().contiguous().numpy()
-        own = w[i].copy()
-        lapack.lower_product(own, s32, right=tall)
-        ref = float(np.square(own, dtype=np.float64).sum())
+    step = max(1, min(8, -(-len(pairs) // (4 * workers))))
+    items = [(i, ks[a : a + step]) for i, ks in by_row.items() for a in range(0, len(ks), step)]
+    left = {i: -(-len(ks) // step) for i, ks in by_row.items()}
+    rows: dict[int, tuple[torch.Tensor, np.ndarray, float]] = {}
 
-        def one(k: int) -> None:
+    def row(i: int) -> tuple[torch.Tensor, np.ndarray, float]:
+        """``(S in float64, S in float32, ||W_i S||^2)``, built by the first work item of row i."""
+        with lock:
+            if i not in rows:
+                s64 = fetch(i).detach().to(torch.float64)
+                if s64.shape != (d_in, d_in):
+                    raise ValueError(f"whitener of block {i} has shape {tuple(s64.shape)}, expected {(d_in, d_in)}")
+                s32 = s64.float().contiguous().numpy()
+                own = lapack.lower_product(w[i].copy(), s32, right=tall)
+                rows[i] = (s64, s32, float(np.square(own, dtype=np.float64).sum()))
+            return rows[i]
+
+    def one(i: int, j: int | None, s64: torch.Tensor, s32: np.ndarray) -> list[float]:
+        d = w[i].copy() if j is None else np.subtract(w[i], w[j])
+        lapack.lower_product(d, s32, right=tall)  # D S (tall) or (D S)^T, (m, n)
+        g = lapack.gram(d)
+        total = float(np.diagonal(g).sum(dtype=np.float64))
+        tails = None
+        try:
+            top = lapack.top_eigh(g, rmax).astype(np.float64).clip(min=0)
+            tails = [max(total - float(top[rmax - r :].sum()), 0.0) for r in ranks]
+        except np.linalg.LinAlgError:
+            pass
+        if tails is None or min(tails) < _FP64_SHARE * total:  # cancellation or no convergence
+            dd = torch.from_numpy(w[i]).double() - (0 if j is None else torch.from_numpy(w[j]).double())
+            h = dd @ s64 if tall else s64.T @ dd
+            ev = torch.linalg.eigvalsh(h.T @ h).clamp_min(0)
+            tails = [float(ev[: n - r].sum()) for r in ranks]
+        return tails
+
+    def work(item: tuple[int, list[int]]) -> None:
+        i, part = item
+        s64, s32, ref = row(i)
+        for k in part:
             j = pairs[k][1]
-            d = w[i].copy() if j is None else np.subtract(w[i], w[int(j)])
-            lapack.lower_product(d, s32, right=tall)  # D S (tall) or (D S)^T, (m, n)
-            g = lapack.gram(d)
-            total = float(np.diagonal(g).sum(dtype=np.float64))
-            tails = None
-            try:
-                top = lapack.top_eigh(g, rmax).astype(np.float64).clip(min=0)
-                tails = [max(total - float(top[rmax - r :].sum()), 0.0) for r in ranks]
-            except np.linalg.LinAlgError:
-                pass
-            if tails is None or min(tails) < _FP64_SHARE * total:  # cancellation or no convergence
-                dd = torch.from_numpy(w[i]).double() - (0 if j is None else torch.from_numpy(w[int(j)]).double())
-                h = dd @ s64 if tall else s64.T @ dd
-                ev = torch.linalg.eigvalsh(h.T @ h).clamp_min(0)
-                tails = [float(ev[: n - r].sum()) for r in ranks]
-            absolute[:, k] = np.sqrt(tails)
+            absolute[:, k] = np.sqrt(one(i, None if j is None else int(j), s64, s32))
             reference[k] = ref
-
-        def work(part: list[int]) -> None:
-            for k in part:
-                one(k)
+        with lock:
+            left[i] -= 1
+            if left[i] == 0:  # the row is done: drop its whitener
+                rows.pop(i, None)
             if progress is not None:
-                with lock:
-                    progress(len(part))
+                progress(len(part))
 
-        step = max(1, -(-len(ks) // (2 * workers)))
-        _parallel_map(work, [ks[a : a + step] for a in range(0, len(ks), step)], workers)
+    # items are taken in order, so only the rows in flight (about one per worker) hold a whitener
+    _parallel_map(work, items, workers)
     abs_t = torch.from_numpy(absolute)
     ref_t = torch.from_numpy(np.sqrt(reference))
     return WhitenedResiduals(relative=abs_t / ref_t.clamp_min(1e-300), absolute=abs_t, reference=ref_t)

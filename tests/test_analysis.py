@@ -50,7 +50,16 @@ def test_schema_and_cache_hit(tiny_model, tiny_tokenizer, tiny_text_file, cache)
     assert set(se["per_matrix"]["relative"]["2"]) == set(se["matrices"])
     assert se["paper"]["2"][1][0] is not None and len(se["weight_norms"]["q_proj"]) == L
     sugg = d["donor_suggestion"]
-    assert sugg["metric"] == "paper" and sugg["rank"] == 8 and len(sugg["pruned"]) == 2  # round(0.3 * 6)
+    assert sugg["metric"] == "function" and sugg["rank"] == 8 and len(sugg["pruned"]) == 2  # round(0.3 * 6)
+    fn = se["function"]["8"]
+    assert len(fn) == L and fn[0][0] is None and all(fn[i][j] > 0 for i in range(L) for j in range(L) if i != j)
+    assert set(se["per_matrix"]["function"]["2"]) == set(se["matrices"])
+    alone = se["no_donor"]["function"]["8"]
+    assert len(alone) == L and all(0 < v < 1 for v in alone)  # a rank-r fit of W_i alone always leaves less than W_i
+    assert se["function_settings"]["tokens"] == 4 * 16 and se["function_settings"]["rows"] == list(range(L))
+    # random blocks are unrelated: no donor beats a fit of the block alone, and the suggestion says so
+    assert set(sugg["suggested"].values()) == {"none"} and set(sugg["no_donor_better"]) == set(sugg["donors"])
+    assert "no_donor_note" in sugg and first.suggested == {int(k): None for k in sugg["donors"]}
     bi = d["block_influence"]
     assert sorted(sugg["pruned"]) == sorted(sorted(range(L), key=lambda i: bi[i])[:2])
     assert all(int(j) not in sugg["pruned"] for j in sugg["donors"].values())
@@ -155,3 +164,50 @@ def test_embedded_model_block0_has_the_largest_bi(smollm, cache):
     assert se["pairs"] == "subset" and se["rows"] == [13, 14] and len(se["cols"]) == 28
     assert len(se["matrices"]) == 7 and len(se["absolute"]["8"]) == 30
     assert set(int(k) for k in d["donor_suggestion"]["donors"]) == set(se["rows"])
+
+
+def test_function_metric_is_the_whitened_residual_and_drives_the_suggestion(tiny_model, tiny_tokenizer,
+                                                                             tiny_text_file, cache):
+    import torch
+
+    from flexigpt.activations import linear_input_moments
+    from flexigpt.arch import arch_of, block_linears, get_blocks
+    from flexigpt.data import token_windows
+    from flexigpt.whiten import whitener
+
+    blocks = get_blocks(tiny_model)
+    with torch.no_grad():  # block 1 is a near copy of block 0: the best donor, better than none
+        for (_, a), (_, b) in zip(blocks[0].named_parameters(), blocks[1].named_parameters()):
+            b.copy_(a + 1e-3 * torch.randn_like(a))
+    result = _run(tiny_model, tiny_tokenizer, tiny_text_file, ranks=(4,), pairs="subset", pruned=[0, 3])
+    se, sugg = result["share_error"], result["donor_suggestion"]
+    assert se["function_settings"]["rows"] == [0, 3] and se["function_settings"]["cols"] == [1, 2, 4, 5]
+    assert se["function"]["4"][1][0] is None and se["function"]["4"][0][3] is None  # kept rows / pruned cols
+    assert sugg["metric"] == "function" and sugg["donors"]["0"] == 1 and sugg["suggested"]["0"] == 1
+    assert sugg["suggested"]["3"] == "none" and list(sugg["no_donor_better"]) == ["3"]
+    assert sugg["no_donor_better"]["3"]["no_donor_error"] < sugg["no_donor_better"]["3"]["donor_error"]
+
+    # the stored value, recomputed from the calibration inputs
+    spec = arch_of(tiny_model)
+    windows = token_windows(tiny_tokenizer, str(tiny_text_file), seq_len=16, split="train", max_windows=4)
+    moments = linear_input_moments(tiny_model, windows)
+    lin = [block_linears(b, spec) for b in blocks]
+    for i, j in [(0, 1), (3, 2), (3, None)]:
+        rels = []
+        for name in spec.matrix_names:
+            w_i = lin[i][name].weight.detach().double()
+            s = whitener(moments[i][name])
+            d = w_i - (0 if j is None else lin[j][name].weight.detach().double())
+            sig = torch.linalg.svdvals(d @ s)
+            rels.append(float(sig[4:].pow(2).sum().sqrt() / torch.linalg.matrix_norm(w_i @ s)))
+        stored = se["no_donor"]["function"]["4"][i] if j is None else se["function"]["4"][i][j]
+        assert stored == pytest.approx(sum(rels) / len(rels), rel=1e-4)
+        if j is None:
+            assert se["no_donor"]["per_matrix"]["function"]["4"]["down_proj"][i] == pytest.approx(rels[-1], rel=1e-4)
+
+    weight_only = _run(tiny_model, tiny_tokenizer, tiny_text_file, ranks=(4,), function=False)
+    assert weight_only["donor_suggestion"]["metric"] == "paper" and "function" not in weight_only["share_error"]
+    paper = _run(tiny_model, tiny_tokenizer, tiny_text_file, ranks=(4,), donor_metric="paper")
+    assert paper["donor_suggestion"]["suggested"] == paper["donor_suggestion"]["donors"]  # weight space: no flags
+    with pytest.raises(ValueError, match="donor metric 'function' needs the function-space metric"):
+        _run(tiny_model, tiny_tokenizer, tiny_text_file, donor_metric="function", function=False)

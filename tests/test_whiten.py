@@ -164,8 +164,8 @@ def test_slot_init_writes_the_whitened_factors(tiny_model):
         layer = get_submodule(slot, spec.path_of(name))
         layer = getattr(layer, "inner", layer)
         B, A = layer.lora_B["default"].weight.detach().double(), layer.lora_A["default"].weight.detach().double()
-        w_p = base_linear(get_submodule(pruned, spec.path_of(name))).weight.double()
-        w_d = base_linear(get_submodule(donor, spec.path_of(name))).weight.double()
+        w_p = base_linear(get_submodule(pruned, spec.path_of(name))).weight.detach().double()
+        w_d = base_linear(get_submodule(donor, spec.path_of(name))).weight.detach().double()
         x = seen[name]
         # the slot's linear on the pruned block's own inputs, against the pruned block's linear
         rel = torch.linalg.matrix_norm((w_d + B @ A - w_p) @ x.T) / torch.linalg.matrix_norm(w_p @ x.T)
@@ -200,3 +200,22 @@ def test_slot_init_from_windows_on_opt(tiny_opt_model):
     report = whitened_slot_init(built, tiny_opt_model, ids)
     assert list(report) == [1] and set(report[1]) == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
     assert torch.isfinite(built(input_ids=ids).logits).all() and not torch.equal(before, built(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("right", [True, False])
+def test_lower_product_reads_only_the_lower_triangle(native, right):
+    import numpy as np
+
+    from flexigpt import lapack
+
+    rng = np.random.default_rng(0)
+    b = rng.standard_normal((7, 5)).astype(np.float32)
+    k = 5 if right else 7
+    s = rng.standard_normal((k, k)).astype(np.float32)  # the upper triangle must be ignored
+    low = np.tril(s).astype(np.float64)
+    ref = b @ low if right else low.T @ b
+    out = lapack.lower_product(b.copy(), s, right=right, native=native)
+    assert np.allclose(out, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="s must have shape"):
+        lapack.lower_product(b.copy(), s[:3, :3], right=right)
