@@ -218,4 +218,4 @@ def test_lower_product_reads_only_the_lower_triangle(native, right):
     out = lapack.lower_product(b.copy(), s, right=right, native=native)
     assert np.allclose(out, ref, atol=1e-5)
     with pytest.raises(ValueError, match="s must have shape"):
-        lapack.lower_product(b.copy(), s[:3, :3], right=right)
+        lapack.lower_product(b.copy(), np.ascontiguousarray(s[:3, :3]), right=right)
