@@ -131,6 +131,12 @@ def test_cli_writes_analysis_json(tiny_folder, tiny_text_file, tmp_path, cache, 
     assert written == printed
     assert written["share_error"]["pairs"] == "subset" and len(written["donor_suggestion"]["pruned"]) == 3
     assert written["share_error"]["ranks"] == [2, 4]
+    assert written["donor_suggestion"]["metric"] == "function" and written["share_error"]["function"]["4"]
+    code = main(["analyze", "--model", str(tiny_folder), "--data", str(tiny_text_file), "--samples", "3",
+                 "--seq-len", "16", "--ranks", "4", "--no-function", "--out", str(out)])
+    assert code == 0 and "donors (paper, rank 4)" in capsys.readouterr().out
+    weight_only = json.loads((out / "analysis.json").read_text())
+    assert "function" not in weight_only["share_error"] and "suggested" not in weight_only["donor_suggestion"]
 
 
 @pytest.mark.parametrize(

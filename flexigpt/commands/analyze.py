@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "score every block and compute the share-error matrix; writes DIR/analysis.json"
+HELP = "score every block and compute the share-error matrices; writes DIR/analysis.json"
 
 
 def _ranks(text: str) -> tuple[int, ...]:
@@ -25,13 +25,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl-samples", type=int, default=4, help="held-out windows for --ppl-drop (default 4)")
     p.add_argument("--pairs", default="all", help="all: every block pair; subset: pruned x kept only")
     p.add_argument("--ratio", type=float, default=0.3, help="share of lowest-BI blocks in the suggested plan")
-    p.add_argument("--donor-metric", default=None, help="paper (default), relative or absolute")
+    p.add_argument("--donor-metric", default=None,
+                   help="function (default: activation-aware), paper (default with --no-function), relative or absolute")
+    p.add_argument("--no-function", action="store_true",
+                   help="skip the function-space (activation-aware) share error; weight space only")
     p.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
     p.add_argument("--out", required=True, help="output folder; analysis.json is written there")
 
 
 def run(args: argparse.Namespace):
-    from flexigpt.analysis import DEFAULT_DONOR_METRIC, analyze, write_json
+    from flexigpt.analysis import analyze, write_json
     from flexigpt.models import load_model
 
     ranks = _ranks(args.ranks)
@@ -44,8 +47,8 @@ def run(args: argparse.Namespace):
     result = analyze(
         loaded.model, loaded.tokenizer, model_ref=args.model, data=args.data, samples=args.samples,
         seq_len=args.seq_len, ranks=ranks, max_span=args.max_span, ppl_drop=args.ppl_drop,
-        ppl_samples=args.ppl_samples, pairs=args.pairs, donor_metric=args.donor_metric or DEFAULT_DONOR_METRIC,
-        ratio=args.ratio, use_cache=not args.no_cache,
+        ppl_samples=args.ppl_samples, pairs=args.pairs, donor_metric=args.donor_metric or None,
+        ratio=args.ratio, function=not args.no_function, use_cache=not args.no_cache,
     )
     obj = result.to_dict()
     path = write_json(obj, out / "analysis.json")
@@ -56,6 +59,6 @@ def run(args: argparse.Namespace):
         f"wrote {path}" + (" (from cache)" if obj.get("cached") else ""),
         f"blocks: {obj['num_blocks']}; calibration: {obj['protocol']['windows']} x {obj['seq_len']} tokens of {obj['data']!r}",
         "lowest BI first: " + ", ".join(f"{i} ({bi[i]:.3f})" for i in order[:10]),
-        f"donors ({sugg.get('metric')}, rank {sugg.get('rank')}): {sugg.get('donors')}",
-    ] + ([f"warning: {sugg['warning']}"] if sugg.get("warning") else []))
+        f"donors ({sugg.get('metric')}, rank {sugg.get('rank')}): {sugg.get('suggested') or sugg.get('donors')}",
+    ] + [f"{k.replace('_', ' ')}: {sugg[k]}" for k in ("no_donor_note", "warning") if sugg.get(k)])
     return obj, human
