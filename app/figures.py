@@ -218,40 +218,6 @@ def similarity_heatmap(sim: Sequence[Sequence[float | None]]) -> go.Figure:
 
 
 @failsafe
-def share_heatmap(matrix: Sequence[Sequence[float | None]], rows: Sequence[int], cols: Sequence[int],
-                  donors: Mapping[int, int] | None = None, *, label: str = "share error",
-                  title: str = "", colorbar: str = "") -> go.Figure:
-    """The share-error matrix restricted to pruned candidates (rows) x donor candidates (columns).
-
-    Args:
-        matrix: the full ``(L, L)`` matrix, ``matrix[i][j]`` = error of rebuilding block ``i`` from donor ``j``.
-        rows: block ids shown as rows (pruned candidates).
-        cols: block ids shown as columns (possible donors).
-        donors: ``{pruned: donor}`` to mark with a circle.
-        label: what a cell's number is (hover text); colorbar: a short colorbar title.
-    """
-    z = [[None if matrix[i][j] is None or (isinstance(matrix[i][j], float) and math.isnan(matrix[i][j]))
-          else float(matrix[i][j]) for j in cols] for i in rows]
-    ylab = [f"block {i}" for i in rows]
-    hover = [[f"rebuild block {i} from donor {j} (0-based)<br>{label}: {v:.4g}" if v is not None
-              else f"block {i} / donor {j}: not computed" for j, v in zip(cols, zr)] for i, zr in zip(rows, z)]
-    fig = go.Figure(go.Heatmap(z=z, x=[str(j) for j in cols], y=ylab, colorscale="YlOrRd", hovertext=hover,
-                               hoverinfo="text", colorbar=dict(title=colorbar or "error")))
-    if donors:
-        pts = [(str(j), f"block {i}") for i, j in donors.items() if i in rows and j in cols]
-        if pts:
-            fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers",
-                                     name="suggested donor (lowest error among kept blocks)",
-                                     marker=dict(symbol="circle-open", size=16, color="#1f3b73", line=dict(width=3)),
-                                     hoverinfo="skip"))
-    fig.update_xaxes(title="donor candidate, " + BLOCK_AXIS, type="category")
-    fig.update_yaxes(title="pruned candidate, " + BLOCK_AXIS, type="category", autorange="reversed")
-    height = max(320, min(900, 120 + 22 * len(rows)))
-    return _base(fig, title or "Share error: how well each kept block (+ a rank-r correction) rebuilds a pruned one",
-                 height)
-
-
-@failsafe
 def slot_map(num_blocks: int, layer_map: Sequence[int], replaced_slots: Sequence[int] = (),
              title: str = "", *, sources: Sequence[int] | None = None) -> go.Figure:
     """Base blocks (top row) and the new model's slots (bottom row), with an arrow from each donor.

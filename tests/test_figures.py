@@ -8,6 +8,7 @@ import plotly.graph_objects as go
 import pytest
 
 from app import figures, tables
+from app.share_figure import NO_DONOR, share_heatmap
 
 L = 6
 
@@ -19,6 +20,8 @@ def _analysis(L: int = L, ppl_drop: bool = True) -> dict:
     ad = [[round(0.1 * n + 0.01 * l, 4) for l in range(L - n + 1)] for n in range(1, span + 1)]
     sim = [[1.0 if a == b else round(1 - 0.1 * abs(a - b), 3) for b in range(L)] for a in range(L)]
     rel = [[None if i == j else round(1.3 + 0.01 * abs(i - j), 3) for j in range(L)] for i in range(L)]
+    fn = [[None if i == j else round(0.5 + 0.1 * abs(i - j), 3) for j in range(L)] for i in range(L)]
+    alone = [0.65] * L  # beats donors 2+ blocks away, loses to neighbours
     return {
         "format_version": 1, "model": "tiny", "fingerprint": "abc", "num_blocks": L, "data": "default",
         "samples": 4, "seq_len": 16,
@@ -32,8 +35,11 @@ def _analysis(L: int = L, ppl_drop: bool = True) -> dict:
         if ppl_drop else None,
         "share_error": {"ranks": [8], "matrices": ["q_proj"], "pairs": "all", "rows": list(range(L)),
                         "cols": list(range(L)), "relative": {"8": rel}, "absolute": {"8": rel},
-                        "per_matrix": {"relative": {"8": {"q_proj": rel}}, "absolute": {"8": {"q_proj": rel}}},
-                        "paper": {"8": rel}, "weight_norms": {"q_proj": [1.0] * L}},
+                        "per_matrix": {"relative": {"8": {"q_proj": rel}}, "absolute": {"8": {"q_proj": rel}},
+                                       "function": {"8": {"q_proj": fn}}},
+                        "paper": {"8": rel}, "weight_norms": {"q_proj": [1.0] * L},
+                        "function": {"8": fn}, "no_donor": {"function": {"8": alone},
+                                                            "per_matrix": {"function": {"8": {"q_proj": alone}}}}},
         "donor_suggestion": {"metric": "relative", "rank": 8, "pruned": [3, 4], "donors": {"3": 2, "4": 5},
                              "warning": None},
         "timings_s": {"total": 1.0}, "cached": False,
@@ -81,7 +87,7 @@ def test_similarity_and_share_heatmaps():
     sim = figures.similarity_heatmap(a["similarity"])
     assert len(sim.data[0].z) == L
     se = a["share_error"]
-    fig = figures.share_heatmap(se["relative"]["8"], rows=[3, 4], cols=[0, 1, 2, 5], donors={3: 2, 4: 5})
+    fig = share_heatmap(se["relative"]["8"], rows=[3, 4], cols=[0, 1, 2, 5], donors={3: 2, 4: 5})
     heat, marks = fig.data[0], fig.data[1]
     assert len(heat.z) == 2 and len(heat.z[0]) == 4
     assert heat.z[0][2] == pytest.approx(1.31)  # block 3 from donor 2
@@ -92,7 +98,7 @@ def test_similarity_and_share_heatmaps():
 
 def test_share_heatmap_handles_missing_values():
     m = [[None, float("nan")], [1.0, None]]
-    fig = figures.share_heatmap(m, rows=[0, 1], cols=[0, 1])
+    fig = share_heatmap(m, rows=[0, 1], cols=[0, 1])
     assert list(fig.data[0].z[0]) == [None, None]
     assert "not computed" in fig.data[0].hovertext[0][1]
 
@@ -156,3 +162,40 @@ def test_tables():
     cmp = tables.compare_table([{"name": "x", "ppl_before": 12.345, "protocol": a["protocol"], "stored_params": 10}])
     assert isinstance(cmp, pd.DataFrame) and cmp.loc[0, "ppl before recovery"] == "12.35"
     assert tables.model_summary({"num_blocks": 6}).shape[1] == 2
+
+
+def test_function_heatmap_has_a_no_donor_column_and_marks_it():
+    a = _analysis()
+    se = a["share_error"]
+    alone = list(se["no_donor"]["function"]["8"])
+    alone[4] = 0.55  # block 4: no donor beats its best donor (0.6)
+    fig = share_heatmap(se["function"]["8"], rows=[3, 4], cols=[0, 1, 2, 5], donors={3: 2, 4: None},
+                        no_donor=alone, label="error on real inputs")
+    heat, marks = fig.data[0], fig.data[1]
+    assert list(heat.x) == ["0", "1", "2", "5", NO_DONOR] and len(heat.z[0]) == 5
+    assert heat.z[1][4] == pytest.approx(0.55) and heat.z[0][2] == pytest.approx(0.6)
+    assert "block 4 (0-based) with no donor" in heat.hovertext[1][4]
+    assert list(marks.x) == ["2", NO_DONOR] and list(marks.y) == ["block 3", "block 4"]
+    assert fig.layout.shapes and fig.layout.shapes[0].x0 == pytest.approx(3.5)  # the column is set apart
+    assert any("0-based" in t for t in _axis_titles(fig))
+
+
+def test_share_tab_reads_the_function_metric():
+    from app.tabs import share
+
+    a = _analysis()
+    assert "function" in share.METRICS and ("function (activation-aware)", "function") in share.METRIC_CHOICES
+    fn = share.share_matrix(a, "function", 8)
+    assert fn[3][2] == pytest.approx(0.6)
+    assert share.share_matrix(a, "function", 8, "q_proj") == fn
+    assert share.no_donor_column(a, "function", 8) == [0.65] * L
+    assert share.no_donor_column(a, "relative", 8) is None
+    assert share.no_donor_column(a, "function", 8, "q_proj") == [0.65] * L
+    donors = share.donors_for(a, fn, [3, 4])
+    assert donors == {3: 2, 4: 5}  # nearest neighbours: 0.6
+    alone = [0.65] * L
+    alone[4] = 0.55
+    assert share.without_donor(donors, fn, alone) == {3: 2, 4: None}
+    old = dict(a, share_error={k: v for k, v in a["share_error"].items() if k not in ("function", "no_donor")})
+    with pytest.raises(ValueError, match="no function-space error"):
+        share.share_matrix(old, "function", 8)

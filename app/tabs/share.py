@@ -1,4 +1,8 @@
-"""Tab 3: the share-error heatmap (pruned candidates x kept blocks), per rank, metric and matrix."""
+"""Tab 3: the share-error heatmap (pruned candidates x kept blocks), per rank, metric and matrix.
+
+The ``function`` metric (activation-aware: the error on the inputs each pruned block really
+receives) adds a "no donor" column, the error of the block's own rank-r fit with no donor.
+"""
 from __future__ import annotations
 
 import gradio as gr
@@ -7,14 +11,18 @@ import plotly.graph_objects as go
 from app import figures, text
 from app.common import heavy, session_key, user_errors
 from app.session import work
+from app.share_figure import share_heatmap
 from app.tabs.scores import analysis_token, run_analysis
 
-METRICS = ("relative", "absolute", "paper")
+METRICS = ("relative", "absolute", "paper", "function")
+METRIC_CHOICES = [("relative", "relative"), ("absolute", "absolute"), ("paper", "paper"),
+                  ("function (activation-aware)", "function")]
 AGGREGATED = "all matrices (aggregated)"
 RANK_CHOICES = (8, 32, 64)
 PAIRS = {"pruned x kept blocks of the plan (fast)": "subset", "all block pairs (slow)": "all"}
 LABELS = {"relative": "relative error (0 = perfect, 1.41 = unrelated)", "absolute": "absolute error (sum over matrices)",
-          "paper": "paper-variant error"}
+          "paper": "paper-variant error",
+          "function": "error on real inputs (0 = perfect; beat the 'no donor' column)"}
 
 
 def share_matrix(analysis: dict, metric: str, rank: int | str, view: str = AGGREGATED):
@@ -24,6 +32,8 @@ def share_matrix(analysis: dict, metric: str, rank: int | str, view: str = AGGRE
         raise ValueError("this analysis has no share error yet: press 'Compute share error'")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if metric == "function" and not se.get("function"):
+        raise ValueError("this analysis has no function-space error: press 'Compute share error' again")
     rank = str(int(rank))
     if view and view != AGGREGATED:
         if metric == "paper":
@@ -36,6 +46,28 @@ def share_matrix(analysis: dict, metric: str, rank: int | str, view: str = AGGRE
     if rank not in table or table[rank] is None:
         raise ValueError(f"rank {rank} not computed for metric {metric!r}; available ranks: {sorted(table, key=int)}")
     return table[rank]
+
+
+def no_donor_column(analysis: dict, metric: str, rank: int | str, view: str = AGGREGATED) -> list | None:
+    """Per block: the error with no donor (``function`` metric only; None when not computed)."""
+    nd = (analysis.get("share_error") or {}).get("no_donor") or {}
+    if metric != "function" or not nd:
+        return None
+    rank = str(int(rank))
+    if view and view != AGGREGATED:
+        return ((nd.get("per_matrix") or {}).get(metric) or {}).get(rank, {}).get(view)
+    return (nd.get(metric) or {}).get(rank)
+
+
+def without_donor(donors: dict[int, int], matrix, no_donor) -> dict[int, int | None]:
+    """``donors`` with ``None`` where the "no donor" error is not above the best donor's."""
+    if not no_donor:
+        return dict(donors)
+    out: dict[int, int | None] = {}
+    for i, j in donors.items():
+        alone, best = no_donor[i] if i < len(no_donor) else None, matrix[i][j]
+        out[i] = None if alone is not None and best is not None and alone <= best else j
+    return out
 
 
 def donors_for(analysis: dict, matrix, pruned) -> dict[int, int]:
@@ -62,9 +94,10 @@ def on_share_view(metric: str, rank, view: str, plan=None, request: gr.Request =
         return figures.message_figure(str(err)), ""
     se = analysis["share_error"]
     suggestion = analysis.get("donor_suggestion") or {}
-    pruned = list(plan.dropped_blocks) if plan is not None and getattr(plan, "method", "") == "flexigpt" \
+    pruned = list(plan.pruned_blocks) if plan is not None and getattr(plan, "method", "") == "flexigpt" \
         else list(suggestion.get("pruned") or [])
-    donors = donors_for(analysis, matrix, pruned)
+    no_donor = no_donor_column(analysis, metric, rank, view)
+    donors = without_donor(donors_for(analysis, matrix, pruned), matrix, no_donor)
     rows = list(se.get("rows") or range(len(matrix)))
     cols = list(se.get("cols") or range(len(matrix)))
     if pruned:  # pruned candidates x kept blocks: the choice the plan actually faces
@@ -72,13 +105,18 @@ def on_share_view(metric: str, rank, view: str, plan=None, request: gr.Request =
         cols = [c for c in cols if c not in pruned] or cols
     label = LABELS.get(metric, metric) if view == AGGREGATED else f"{metric} error of {view}"
     which = "all matrices" if view == AGGREGATED else view
-    fig = figures.share_heatmap(matrix, rows, cols, donors, label=label, colorbar=metric,
-                                title=f"Share error at rank {rank} ({metric}, {which}); lower = better donor")
+    fig = share_heatmap(matrix, rows, cols, donors, label=label, colorbar=metric, no_donor=no_donor,
+                        title=f"Share error at rank {rank} ({metric}, {which}); lower = better donor")
     from flexigpt.sharing import degeneracy_warning
 
-    warn = degeneracy_warning(donors) if donors else None
-    note = ", ".join(f"{b}←{d}" for b, d in sorted(donors.items())) or "none"
+    real = {b: d for b, d in donors.items() if d is not None}
+    warn = degeneracy_warning(real) if real else None
+    note = ", ".join(f"{b}←{'no donor' if d is None else d}" for b, d in sorted(donors.items())) or "none"
     md = f"Suggested donors (pruned block ← donor, 0-based): {note}."
+    alone = sorted(b for b, d in donors.items() if d is None)
+    if alone:
+        md += (f"\n\nNo kept block beats **no donor** for block{'s' if len(alone) > 1 else ''} "
+               f"{', '.join(map(str, alone))}: on real inputs a rank-{rank} fit of the block alone is closer.")
     if warn:
         md += f"\n\n⚠️ {warn}"
     return fig, md
@@ -117,7 +155,7 @@ def on_compute(model_ref: str, data_ref: str, samples: int, seq_len: int, ranks:
     pairs = PAIRS.get(pairs, pairs)
     if pairs not in ("subset", "all"):
         raise ValueError(f"pairs must be 'subset' or 'all', got {pairs!r}")
-    pruned = tuple(plan.dropped_blocks) if pairs == "subset" and plan is not None and plan.dropped_blocks else None
+    pruned = tuple(plan.pruned_blocks) if pairs == "subset" and plan is not None and plan.pruned_blocks else None
     analysis, seconds, kept = run_analysis(model_ref, data_ref, samples=samples, seq_len=int(seq_len), ranks=ranks,
                                            pairs=pairs, pruned=pruned, progress=progress, key=session_key(request))
     where = "kept from this visit" if kept else ("from the disk cache" if analysis.get("cached") else "computed")
@@ -132,7 +170,7 @@ def render(ctx) -> None:
         compute = gr.Button("Compute share error", variant="primary", elem_id="share-btn")
     status = gr.Markdown("", elem_id="share-status")
     with gr.Row():
-        metric = gr.Radio(list(METRICS), value="relative", label="metric", elem_id="share-metric")
+        metric = gr.Radio(METRIC_CHOICES, value="function", label="metric", elem_id="share-metric")
         rank = gr.Dropdown([], label="rank r of the correction", elem_id="share-rank", allow_custom_value=True)
         view = gr.Dropdown([AGGREGATED], value=AGGREGATED, label="matrix", elem_id="share-view")
     fig = gr.Plot(label="share error", elem_id="share-plot")
