@@ -1,6 +1,6 @@
 """Pure plotly figures for the explorer: plain data in, ``go.Figure`` out.
 
-No gradio import and no computation beyond reshaping (house style 4.3/4.7). Every block id on
+No gradio import and no computation beyond reshaping, so every figure is unit-testable. Every block id on
 screen is 0-based and the axis titles say so, because 1-based vs 0-based confusion is the most
 common complaint in the depth-pruning tools we studied (PruneMe #4/#12, mergekit #360).
 Each public function is wrapped in :func:`failsafe`: a figure that cannot be drawn becomes a

@@ -211,15 +211,3 @@ def check_memory(held_mb: float, adding_mb: float, cap_mb: int | None, what: str
     if cap_mb is not None and held_mb + adding_mb > cap_mb:
         raise ValueError(f"limit reached: {what} would hold {held_mb + adding_mb:,.0f} MB, the limit is {cap_mb:,} MB; "
                          "free a build (build with the same settings to replace it) or try again later")
-
-
-def describe(lim: Limits | None = None) -> list[tuple[str, str, str]]:
-    """``(setting, value, meaning)`` rows for the README and the app's about text."""
-    lim = lim or current()
-    rows = [("mode", lim.mode, f"{MODE_ENV}: public (limits on) or local (limits off)"),
-            ("allowed models", "any" if lim.allowed_models is None else ", ".join(lim.allowed_models), MODELS_ENV),
-            ("allowed data", "any" if lim.allowed_data is None else ", ".join(lim.allowed_data), DATA_ENV)]
-    for name, (_, _, doc) in SETTINGS.items():
-        v = getattr(lim, name)
-        rows.append((name, "no limit" if v is None else f"{v:,}", doc))
-    return rows

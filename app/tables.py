@@ -100,30 +100,6 @@ def plan_table(num_blocks: int, layer_map: Sequence[int], method: str,
     return pd.DataFrame(rows, columns=PLAN_COLUMNS)
 
 
-def read_plan_table(df: pd.DataFrame | Sequence[Sequence[Any]]) -> list[tuple[int, str, int | None]]:
-    """Parse an edited plan table into ``(block, action, donor or None)``.
-
-    Raises:
-        ValueError: naming the row and the bad value (unknown action, non-integer donor).
-    """
-    frame = df if isinstance(df, pd.DataFrame) else pd.DataFrame(list(df), columns=PLAN_COLUMNS)
-    out = []
-    for i, row in enumerate(frame.itertuples(index=False)):
-        block = int(row[0])
-        action = str(row[2]).strip().lower()
-        if action not in ACTIONS:
-            raise ValueError(f"row {i} (block {block}): action must be 'keep' or 'prune', got {row[2]!r}")
-        raw = row[3]
-        donor = None
-        if raw is not None and str(raw).strip() not in ("", "nan", "None"):
-            try:
-                donor = int(float(str(raw).strip()))
-            except ValueError as err:
-                raise ValueError(f"row {i} (block {block}): donor must be a block id, got {raw!r}") from err
-        out.append((block, action, donor))
-    return out
-
-
 def params_table(estimate: Mapping[str, Any], base_total: int | None = None) -> pd.DataFrame:
     """Stored / run / trainable parameter counts of a plan, with the change against the base model."""
     labels = [

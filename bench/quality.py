@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from flexigpt import evaluate  # noqa: E402
-from flexigpt.adapters import attach_kept_lora  # noqa: E402
+from flexigpt.trainable import attach_kept_lora  # noqa: E402
 from flexigpt.analysis import analyze  # noqa: E402
 from flexigpt.data import token_windows  # noqa: E402
 from flexigpt.models import load_model  # noqa: E402
@@ -127,7 +127,7 @@ def main() -> None:
         rows_spec = [(n, fold if n == fold_name else p, k, t) for n, p, k, t in rows_spec]
         cure[fold_name] = replace(spec, objective="distill", hidden_weight=args.fold_hidden_weight)
 
-    print(f"pruned blocks (0-based, lowest BI): {list(first.dropped_blocks)}; donors: {first.donors}")
+    print(f"pruned blocks (0-based, lowest BI): {list(first.pruned_blocks)}; donors: {first.donors}")
     print(f"recovery: {spec.steps} steps x batch {spec.batch_size} x {spec.seq_len} tokens = "
           f"{spec.steps * spec.batch_size * spec.seq_len} tokens per trained row; objective {spec.objective}, lr {spec.lr}")
     results, models = [], {}
@@ -211,7 +211,7 @@ def main() -> None:
         keep = ("method", "ppl_before", "ppl_after", "stored_params", "trainable_params", "rel_latency", "seconds")
         print(json.dumps({"rows": [{k: r[k] for k in keep} | {"ppl_other_after": r["ppl_other_after"]} for r in results],
                           "summary": summary, "protocol": held.protocol(), "steps": spec.steps,
-                          "pruned": list(first.dropped_blocks)}))
+                          "pruned": list(first.pruned_blocks)}))
 
 
 if __name__ == "__main__":

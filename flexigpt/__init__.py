@@ -24,7 +24,9 @@ _EXPORTS = {
     # plan and surgery
     "Plan": "flexigpt.plan", "AdapterSpec": "flexigpt.plan", "plan_from_scores": "flexigpt.plan",
     "plan_from_analysis": "flexigpt.plan", "extend_plan": "flexigpt.plan", "foldgpt_plan": "flexigpt.plan",
-    "apply_plan": "flexigpt.surgery", "attach_kept_lora": "flexigpt.adapters",
+    "apply_plan": "flexigpt.surgery", "attach_kept_lora": "flexigpt.trainable",
+    "Method": "flexigpt.methods", "register": "flexigpt.methods", "get_method": "flexigpt.methods",
+    "build_model": "flexigpt.pipeline",
     "estimate_params": "flexigpt.params", "measure_params": "flexigpt.params", "matched_lora_rank": "flexigpt.params",
     # recovery, evaluation, chat, export
     "RecoverSpec": "flexigpt.recover", "StepLog": "flexigpt.recover", "recover": "flexigpt.recover",
@@ -39,9 +41,12 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+_RENAMED = {"build_model": "build"}  # public name -> name in its module
+
+
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(importlib.import_module(_EXPORTS[name]), _RENAMED.get(name, name))
         globals()[name] = value
         return value
     raise AttributeError(f"module 'flexigpt' has no attribute {name!r}")

@@ -58,25 +58,37 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from flexigpt.recover import RecoverSpec, recover, save_trainable, trainable_state
+from flexigpt.adapters import inject_lora, lora_factor_modules, matrix_ranks, valid_targets
+from flexigpt.arch import arch_of, get_blocks
+from flexigpt.recover import recover, save_trainable, trainable_state
+from flexigpt.recover_spec import add_arguments, from_args
 
 log = logging.getLogger(__name__)
 
 __all__ = ["attach_lora", "main", "trainable_digest"]
 
 
-def attach_lora(model: nn.Module, rank: int, targets: list[str], blocks: list[int] | None = None, seed: int = 0) -> nn.Module:
-    """Freeze everything, then add peft LoRA (standard init) on ``targets`` of ``blocks`` (all if None)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
+def attach_lora(model: nn.Module, rank: int, targets: list[str] | None = None, blocks: list[int] | None = None,
+                seed: int = 0) -> nn.Module:
+    """Freeze everything, then add LoRA (``flexigpt.adapters.lora_config``: standard init, scaling 1)
+    on ``targets`` (default: every linear of the architecture) of ``blocks`` (default: all)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"--lora-rank must be a positive integer, got {rank!r}")
+    spec = arch_of(model)
+    names = valid_targets(spec, tuple(targets or ()))
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(seed)  # same adapters on every process (DDP also broadcasts rank 0's)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets),
-                     layers_to_transform=list(blocks) if blocks else None)
-    return inject_adapter_in_model(cfg, model)
+    all_blocks = get_blocks(model)
+    chosen = list(range(len(all_blocks))) if not blocks else list(blocks)
+    bad = [b for b in chosen if not 0 <= b < len(all_blocks)]
+    if bad:
+        raise ValueError(f"--lora-blocks {bad} out of range 0..{len(all_blocks) - 1}")
+    for b in chosen:
+        inject_lora(all_blocks[b], matrix_ranks(all_blocks[b], spec, rank, names))
+    for factor in lora_factor_modules(model):
+        factor.requires_grad_(True)
+    return model
 
 
 def trainable_digest(model: nn.Module) -> str:
@@ -105,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", default=None, help="a plan.json: build it with apply_plan and train what it marks")
     p.add_argument("--kept-lora", type=int, default=None, help="with --plan: also LoRA of this rank on kept blocks")
     p.add_argument("--lora-rank", type=int, default=8, help="without --plan: LoRA rank")
-    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--lora-targets", default="", help="without --plan: comma-separated matrix names "
+                   "(default: every linear of the architecture)")
     p.add_argument("--lora-blocks", default=None, help="without --plan: comma-separated block ids (default: all)")
     p.add_argument("--max-windows", type=int, default=None, help="use at most this many training windows")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
@@ -113,12 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the frozen weights (trainable tensors are always fp32); bfloat16 halves GPU memory")
     p.add_argument("-v", "--verbose", action="store_true")
-    defaults = RecoverSpec()
-    for field, kind in (("steps", int), ("lr", float), ("batch_size", int), ("grad_accum", int), ("seq_len", int),
-                        ("warmup", float), ("objective", str), ("kd_temperature", float), ("kd_weight", float),
-                        ("hidden_weight", float), ("clip", float), ("weight_decay", float), ("seed", int),
-                        ("checkpoint_every", int)):
-        p.add_argument("--" + field.replace("_", "-"), type=kind, default=getattr(defaults, field))
+    add_arguments(p)
     return p
 
 
@@ -131,34 +139,36 @@ def _precision(choice: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict | None:
+    # accelerate is heavy: imported on first use
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
+    # imported on first use: keeps importing this module light
     from flexigpt.data import token_windows
     from flexigpt.models import load_model
 
     acc = Accelerator(mixed_precision=_precision(args.mixed_precision))
-    fields = ("steps", "lr", "batch_size", "grad_accum", "seq_len", "warmup", "objective", "kd_temperature",
-              "kd_weight", "hidden_weight", "clip", "weight_decay", "seed", "checkpoint_every")
-    spec = RecoverSpec(**{f: getattr(args, f) for f in fields})
+    spec = from_args(args)
     if args.dtype != "float32" and acc.mixed_precision == "no":
         raise ValueError(f"--dtype {args.dtype} needs mixed precision (autocast); use --mixed-precision bf16 or fp16")
     loaded = load_model(args.model, dtype=args.dtype)
     base, tok = loaded.model, loaded.tokenizer
     plan = None
     if args.plan:
+        # the pipeline pulls in the whole build stack: only with --plan
+        from flexigpt.pipeline import build, recipe
         from flexigpt.plan import Plan
-        from flexigpt.surgery import apply_plan
 
-        plan = Plan.from_json(Path(args.plan).read_text(encoding="utf-8"))
-        model, teacher = apply_plan(base, plan), base  # the base stays intact and frozen
-        if args.kept_lora:
-            from flexigpt.adapters import attach_kept_lora
-
-            model = attach_kept_lora(model, args.kept_lora)
+        plan = recipe(Plan.from_json(Path(args.plan).read_text(encoding="utf-8")), base, recovering=True,
+                      kept_lora_rank=args.kept_lora)
+        calibration = None
+        if plan.adapter.init == "whitened" and plan.replaced_slots:
+            calibration = token_windows(tok, args.data, seq_len=spec.seq_len, split="train", max_windows=32,
+                                        max_len=getattr(base.config, "max_position_embeddings", None))
+        model, teacher = build(base, plan, calibration=calibration), base  # the base stays intact and frozen
     else:
         teacher = copy.deepcopy(base) if spec.objective != "lm" else None
-        model = attach_lora(base, args.lora_rank, [t for t in args.lora_targets.split(",") if t],
+        model = attach_lora(base, args.lora_rank, [t for t in args.lora_targets.split(",") if t.strip()],
                             _ints(args.lora_blocks), seed=spec.seed)
     if teacher is not None:
         teacher.requires_grad_(False)
@@ -185,6 +195,7 @@ def run(args: argparse.Namespace) -> dict | None:
     if acc.is_main_process:
         save_trainable(model, out / "trainable.safetensors")
         if plan is not None:
+            # the export stack is needed only with --plan
             from flexigpt.export import save_compact
 
             save_compact(model, plan, tok, out / "model", overwrite=True)

@@ -15,23 +15,27 @@ Paper: FlexiGPT (Smith et al., NAACL 2025), https://arxiv.org/abs/2501.14713
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from flexigpt.arch import ArchSpec, arch_of, get_blocks, get_submodule, set_submodule
-from flexigpt.plan import AdapterSpec
+from flexigpt.arch import ArchSpec, get_submodule, set_submodule
+from flexigpt.shapes import capped_ranks
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ADAPTER",
     "OutputNorm",
-    "attach_kept_lora",
     "attach_slot_adapters",
     "base_linear",
+    "inject_lora",
+    "lora_config",
+    "lora_factor_modules",
     "lora_factors",
     "matrix_ranks",
-    "trainable_parameters",
+    "valid_targets",
 ]
 
 ADAPTER = "default"  # the peft adapter name used everywhere
@@ -72,6 +76,10 @@ class OutputNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"kind={self.kind}, dim={self.dim}"
 
+    def own_parameters(self) -> list[nn.Parameter]:
+        """The norm's own parameters (gamma/beta or the scale), not those of the wrapped linear."""
+        return list(self.norm.parameters()) if self.kind == "layernorm" else [self.scale]
+
 
 def base_linear(module: nn.Module) -> nn.Linear:
     """The plain ``nn.Linear`` under an ``OutputNorm`` and/or a peft LoRA layer."""
@@ -80,7 +88,8 @@ def base_linear(module: nn.Module) -> nn.Linear:
     return getattr(module, "base_layer", module)
 
 
-def _targets(spec: ArchSpec, targets: tuple[str, ...]) -> tuple[str, ...]:
+def valid_targets(spec: ArchSpec, targets: tuple[str, ...]) -> tuple[str, ...]:
+    """``targets`` checked against the architecture's matrix names (empty = all of them)."""
     valid = spec.matrix_names
     bad = [t for t in targets if t not in valid]
     if bad:
@@ -89,20 +98,14 @@ def _targets(spec: ArchSpec, targets: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def matrix_ranks(block: nn.Module, spec: ArchSpec, rank: int, targets: tuple[str, ...] = ()) -> dict[str, int]:
-    """LoRA rank per targeted matrix: ``min(rank, d_in, d_out)`` (GQA k/v are small).
+    """LoRA rank per targeted matrix of ``block``: ``min(rank, d_in, d_out)`` (``flexigpt.shapes.capped_ranks``).
 
     Raises:
         ValueError: when ``rank`` exceeds every matrix's size (nothing low-rank about it).
     """
-    shapes = {name: tuple(base_linear(get_submodule(block, spec.path_of(name))).weight.shape) for name in _targets(spec, targets)}
-    largest = max(min(s) for s in shapes.values())
-    if rank > largest:
-        raise ValueError(f"adapter rank {rank} exceeds the largest matrix rank {largest} of this model; use 1..{largest}")
-    ranks = {name: min(rank, *s) for name, s in shapes.items()}
-    capped = {n: r for n, r in ranks.items() if r < rank}
-    if capped:
-        log.info("adapter rank %d capped at the matrix size for %s", rank, capped)
-    return ranks
+    shapes = {name: tuple(base_linear(get_submodule(block, spec.path_of(name))).weight.shape)
+              for name in valid_targets(spec, targets)}
+    return capped_ranks(shapes, rank)
 
 
 @torch.no_grad()
@@ -132,27 +135,52 @@ def lora_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return B.float(), A.float()
 
 
-def _inject(block: nn.Module, ranks: dict[str, int], standard_init: bool) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
+def lora_config(ranks: dict[str, int], *, standard_init: bool = True) -> Any:
+    """The one peft ``LoraConfig`` of this project: per-matrix ranks, no dropout, no bias, and
+    ``lora_alpha == r`` for every matrix, so the scaling ``alpha / r`` is 1 and the factors hold
+    the correction itself (an SVD-initialised ``B A`` equals the low-rank fit, and a merged
+    export adds ``B A`` unscaled). Learning rates were tuned for this scaling."""
+    # peft is heavy: loaded when adapters are first attached
+    from peft import LoraConfig
 
     r0 = max(ranks.values())
-    config = LoraConfig(
+    return LoraConfig(
         r=r0, lora_alpha=r0, lora_dropout=0.0, target_modules=sorted(ranks),
         rank_pattern={k: v for k, v in ranks.items() if v != r0},
-        alpha_pattern={k: v for k, v in ranks.items() if v != r0},  # alpha == r: scaling 1
+        alpha_pattern={k: v for k, v in ranks.items() if v != r0},
         init_lora_weights=standard_init, bias="none",
     )
-    inject_adapter_in_model(config, block, adapter_name=ADAPTER)
 
 
-def attach_slot_adapters(slot: nn.Module, spec: ArchSpec, adapter: AdapterSpec, *, hidden_size: int,
+def inject_lora(module: nn.Module, ranks: dict[str, int], *, standard_init: bool = True) -> nn.Module:
+    """Add LoRA (``lora_config``) to the matrices named in ``ranks`` under ``module``, in place."""
+    # peft is heavy: loaded when adapters are first attached
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(lora_config(ranks, standard_init=standard_init), module, adapter_name=ADAPTER)
+    return module
+
+
+def lora_factor_modules(module: nn.Module) -> list[nn.Module]:
+    """The ``lora_A``/``lora_B`` factor modules of every peft LoRA layer under ``module``."""
+    # peft is heavy: loaded when adapters are first attached
+    from peft.tuners.lora import LoraLayer
+
+    out: list[nn.Module] = []
+    for m in module.modules():
+        if isinstance(m, LoraLayer) and ADAPTER in m.lora_A:
+            out += [m.lora_A[ADAPTER], m.lora_B[ADAPTER]]
+    return out
+
+
+def attach_slot_adapters(slot: nn.Module, spec: ArchSpec, adapter: Any, *, hidden_size: int,
                          pruned: nn.Module | None = None, config=None) -> dict[str, int]:
     """Give one slot (a structural copy of its donor block) its LoRA and output norms, in place.
 
     Args:
         slot: the slot's block; its linears share the donor's weight tensors.
         spec: the architecture.
-        adapter: rank, targets, init and output-norm settings.
+        adapter: rank, targets, init and output-norm settings (``flexigpt.plan.AdapterSpec``).
         hidden_size: the residual width (the output norms' size).
         pruned: the pruned block this slot replaces; with ``adapter.init == "svd"`` its weights
             initialise the LoRA (``B A = SVD_r(W_pruned - W_donor)``). ``None``: standard LoRA
@@ -167,16 +195,17 @@ def attach_slot_adapters(slot: nn.Module, spec: ArchSpec, adapter: AdapterSpec, 
         The rank used for each targeted matrix.
     """
     ranks = matrix_ranks(slot, spec, adapter.rank, adapter.targets)
-    svd = pruned is not None and adapter.init == "svd"
+    svd = pruned is not None and adapter.init in ("svd", "whitened")  # whitened: refined later with calibration data
     alignment, aligned = None, {}
     if svd and adapter.align:
+        # only aligned builds need the permutation search
         from flexigpt.align import align_donor, aligned_weights
 
         if config is None:
             raise ValueError("adapter.align needs the model config (its head layout) to align donors")
         alignment = align_donor(pruned, slot, spec, config)  # the slot still holds the donor's plain linears
         aligned = aligned_weights(slot, alignment, spec)
-    _inject(slot, ranks, standard_init=True)
+    inject_lora(slot, ranks)
     if svd:
         for name, r in ranks.items():
             layer = get_submodule(slot, spec.path_of(name))
@@ -184,6 +213,7 @@ def attach_slot_adapters(slot: nn.Module, spec: ArchSpec, adapter: AdapterSpec, 
             w_pruned = base_linear(get_submodule(pruned, spec.path_of(name))).weight
             B, A = lora_factors(w_pruned.detach().float() - w_donor.detach().float(), r)
             if alignment is not None:
+                # only aligned builds need the permutation search
                 from flexigpt.align import fold_lora
 
                 A, B = fold_lora(name, A, B, alignment, spec)
@@ -193,39 +223,3 @@ def attach_slot_adapters(slot: nn.Module, spec: ArchSpec, adapter: AdapterSpec, 
     for path in spec.out_linears:
         set_submodule(slot, path, OutputNorm(get_submodule(slot, path), hidden_size, adapter.out_norm, adapter.out_norm_scale))
     return ranks
-
-
-def attach_kept_lora(model: nn.Module, rank: int, targets: tuple[str, ...] | list[str] = ()) -> nn.Module:
-    """LoRA (standard init, ``B = 0``) on every kept block of a built model, in place.
-
-    With a ``drop`` build this is the ShortGPT + LoRA baseline. Only the new LoRA factors (and
-    the parameters ``apply_plan`` already made trainable) are trainable afterwards. The base
-    model is unaffected: the kept blocks are structural copies whose linears peft wraps.
-    """
-    from flexigpt.surgery import build_info  # lazy: surgery imports this module
-
-    info = build_info(model)
-    if info.kept_lora is not None:
-        raise ValueError(f"this model already has kept-block LoRA (rank {info.kept_lora['rank']})")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"kept-block LoRA rank must be a positive integer, got {rank!r}")
-    spec = arch_of(model)
-    targets = _targets(spec, tuple(targets))
-    replaced = set(info.plan.replaced_slots)
-    blocks = get_blocks(model)
-    ranks: dict[str, int] = {}
-    for slot, block in enumerate(blocks):
-        if slot in replaced:
-            continue
-        ranks = matrix_ranks(block, spec, rank, targets)
-        _inject(block, ranks, standard_init=True)
-    info.kept_lora = {"rank": rank, "targets": list(targets), "ranks": ranks}
-    from flexigpt.surgery import set_trainable
-
-    set_trainable(model)
-    return model
-
-
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """``(name, parameter)`` for every parameter recovery should train (``requires_grad``)."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -3,7 +3,8 @@ one or the new one, never a mix; and export names that cannot leave their folder
 
 ``atomic_dir`` fills a temporary folder next to the target and then puts it in place in one step:
 a rename when the target is absent, an atomic exchange (Linux ``renameat2(RENAME_EXCHANGE)``)
-when it exists. Files (checkpoints) use ``os.replace`` in ``flexigpt.recover_state``.
+when it exists. ``atomic_file`` / ``write_text`` do the same for one file (``os.replace``): the
+one way this project writes plans, analysis caches, checkpoints and trainable tensors.
 
 Paper: FlexiGPT (Smith et al., NAACL 2025), https://arxiv.org/abs/2501.14713
 """
@@ -17,7 +18,30 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_dir", "export_path"]
+__all__ = ["atomic_dir", "atomic_file", "export_path", "write_text"]
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one step, on
+    any error it is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def export_path(root: str | os.PathLike, name: str) -> Path:
@@ -48,6 +72,7 @@ def _exchange(a: Path, b: Path) -> bool:
     if not hasattr(os, "uname") or os.uname().sysname != "Linux":
         return False
     try:
+        # ctypes: only this path needs it
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
+        # transformers is heavy: imported on first use
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # keep stderr for errors; --verbose shows progress

@@ -66,6 +66,7 @@ class Windows:
 
 
 def _default_text() -> str:
+    # pydoc_data: only this path needs it
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k].strip() for k in sorted(topics))
@@ -110,6 +111,7 @@ def _read_hf(ref: str) -> str:
     else:
         raise ValueError(f"data reference {ref!r} must look like hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
     try:
+        # datasets is heavy: imported on first use
         import datasets
 
         ds = datasets.load_dataset(name, config, split=split)

@@ -31,13 +31,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from flexigpt.adapters import ADAPTER, OutputNorm, attach_kept_lora
+from flexigpt.adapters import ADAPTER, OutputNorm, lora_config
 from flexigpt.atomic import atomic_dir as _atomic_dir
 from flexigpt.atomic import export_path  # noqa: F401 (re-exported)
 from flexigpt.arch import arch_of, get_blocks, get_submodule
+from flexigpt.loaded import LoadedModel
 from flexigpt.params import measure_params
 from flexigpt.plan import Plan
 from flexigpt.surgery import apply_plan, build_info
+from flexigpt.trainable import attach_kept_lora
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,7 @@ def save_compact(model: nn.Module, plan: Plan, tokenizer: Any, path: str | os.Pa
     Returns:
         The manifest (also written as ``flexigpt-export.json``), with ``path`` added.
     """
+    # safetensors is heavy: imported on first use
     from safetensors.torch import save_file
 
     _check(model, plan)
@@ -137,9 +140,11 @@ def _read_json(path: Path, what: str) -> Any:
 
 def _empty_model(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A CPU model of ``config`` whose values are about to be overwritten: skip random init."""
+    # transformers is heavy: imported on first use
     from transformers import AutoModelForCausalLM
 
     try:
+        # transformers is heavy: imported on first use
         from transformers.initialization import no_init_weights
     except ImportError:  # pragma: no cover - older transformers
         no_init_weights = contextlib.nullcontext
@@ -150,6 +155,7 @@ def _empty_model(config, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 
 def _skeleton_base(config_dict: dict[str, Any]) -> nn.Module:
+    # transformers is heavy: imported on first use
     from transformers import AutoConfig
 
     cfg = dict(config_dict)
@@ -165,9 +171,8 @@ def load_compact(path: str | os.PathLike, dtype: torch.dtype = torch.float32, de
         ValueError: a missing or garbled file, an unknown format version, or weights that do not
             match the plan.
     """
+    # safetensors is heavy: imported on first use
     from safetensors.torch import load_file
-
-    from flexigpt.models import LoadedModel
 
     start = time.perf_counter()
     folder = Path(path).expanduser()
@@ -179,7 +184,7 @@ def load_compact(path: str | os.PathLike, dtype: torch.dtype = torch.float32, de
     model = apply_plan(base, plan, init_adapters=False)
     del base
     kept = manifest.get("kept_lora")
-    if kept:
+    if kept and plan.kept_lora_rank is None:  # an export whose kept LoRA was not part of its plan
         attach_kept_lora(model, int(kept["rank"]), tuple(kept["targets"]))
     stored = load_file(str(folder / WEIGHTS))
     aliases: dict[str, str] = manifest.get("aliases", {})
@@ -195,12 +200,14 @@ def load_compact(path: str | os.PathLike, dtype: torch.dtype = torch.float32, de
     model.load_state_dict({n: stored[aliases.get(n, n)] for n in expected}, strict=True)
     gen = folder / "generation_config.json"
     if gen.is_file():
+        # transformers is heavy: imported on first use
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     model = model.to(device=device, dtype=dtype).eval()
     tokenizer = None
     if (folder / "tokenizer_config.json").is_file():
+        # transformers is heavy: imported on first use
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -245,11 +252,9 @@ def save_merged(model: nn.Module, plan: Plan, tokenizer: Any, path: str | os.Pat
         ValueError: for ``out_norm="layernorm"`` replacement slots (see the module docstring).
     """
     _check(model, plan)
-    if plan.replaced_slots and plan.adapter.out_norm == "layernorm":
-        raise ValueError(
-            "a merged export of a plan with out_norm 'layernorm' cannot be exact (LayerNorm is nonlinear and "
-            "cannot be folded into weights); use save_compact, or out_norm='scale'"
-        )
+    problem = plan.method_spec.merge_problem(plan)
+    if problem:
+        raise ValueError(f"a merged export of this {plan.method} plan cannot be exact: {problem}")
     spec = arch_of(model)
     blocks = get_blocks(model)
     plain = _empty_model(model.config, next(model.parameters()).dtype)
@@ -293,7 +298,7 @@ def save_peft_adapters(model: nn.Module, path: str | os.PathLike, *, which: str 
             adapters, ``layers_to_transform`` = those slots; the shared weights and output norms
             live only in the compact export), or ``auto`` (kept if present, else slots).
     """
-    from peft import LoraConfig
+    # safetensors is heavy: imported on first use
     from safetensors.torch import save_file
 
     info = build_info(model)
@@ -314,11 +319,10 @@ def save_peft_adapters(model: nn.Module, path: str | os.PathLike, *, which: str 
         if (".lora_A." in name or ".lora_B." in name) and _slot_of(name, prefix) in slots:
             clean = name.replace(f".{ADAPTER}.", ".").replace(".inner.", ".")
             tensors[f"base_model.model.{clean}"] = p.detach().contiguous().clone()
-    r0 = max(ranks.values())
-    config = LoraConfig(r=r0, lora_alpha=r0, target_modules=sorted(ranks), layers_to_transform=slots,
-                        rank_pattern={k: v for k, v in ranks.items() if v != r0},
-                        alpha_pattern={k: v for k, v in ranks.items() if v != r0},
-                        base_model_name_or_path=info.plan.base_model, task_type="CAUSAL_LM", lora_dropout=0.0)
+    config = lora_config(ranks)
+    config.layers_to_transform = slots
+    config.base_model_name_or_path = info.plan.base_model
+    config.task_type = "CAUSAL_LM"
     with _atomic_dir(path, overwrite) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 
 from flexigpt.arch import arch_of, get_blocks
+from flexigpt.loaded import LoadedModel, fingerprint
+from flexigpt.params import unique_numel
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,6 @@ __all__ = [
     "model_info",
     "parameter_count",
     "refuse_remote_code",
-    "tiny_llama",
-    "tiny_opt",
     "unique_numel",
 ]
 
@@ -52,24 +52,6 @@ _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_CACHE_NAME = "smollm2-135m-instruct-q4_1-v1"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class LoadedModel:
-    """A loaded causal LM with its tokenizer and where it came from."""
-
-    model: nn.Module
-    tokenizer: Any
-    ref: str
-    source: str  # "embedded-cache", "embedded-gguf", "folder", "hub", "compact"
-    load_seconds: float
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def fingerprint(self) -> str:
-        if "fingerprint" not in self.extra:
-            self.extra["fingerprint"] = fingerprint(self.model)
-        return self.extra["fingerprint"]
 
 
 def cache_dir() -> Path:
@@ -99,6 +81,7 @@ def _embedded_gguf() -> Path | None:
 
 def _convert_embedded(gguf: Path, target: Path) -> None:
     """De-quantise the GGUF once into a plain LlamaForCausalLM folder, atomically."""
+    # transformers is heavy: imported on first use
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     log.info("converting the embedded SmolLM2 GGUF once (about 15 s) into %s", target)
@@ -108,7 +91,7 @@ def _convert_embedded(gguf: Path, target: Path) -> None:
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version", "dtype"):
         cfg.pop(key, None)
     cfg["architectures"] = ["LlamaForCausalLM"]
-    # Build on CPU, not on the meta device, or rotary inv_freq stays on meta (field notes).
+    # Build on CPU, not on the meta device, or rotary inv_freq stays on meta (a meta tensor has no values to copy).
     plain = LlamaForCausalLM(LlamaConfig(**cfg))
     plain.load_state_dict(gg.state_dict(), strict=False)
     plain.tie_weights()
@@ -161,6 +144,7 @@ def _check_folder_configs(path: Path) -> None:
 
 
 def _load_folder(path: Path, dtype: torch.dtype, device: str, source: str):
+    # transformers is heavy: imported on first use
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
@@ -180,6 +164,7 @@ def _load_folder(path: Path, dtype: torch.dtype, device: str, source: str):
 
 
 def _load_hub(ref: str, dtype: torch.dtype, device: str):
+    # transformers is heavy: imported on first use
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
     try:
@@ -259,44 +244,9 @@ def load_model(ref: str = "default", *, dtype: str | torch.dtype = "float32", de
     return LoadedModel(model=model, tokenizer=tok, ref=ref, source=source, load_seconds=time.perf_counter() - start)
 
 
-def unique_numel(params) -> int:
-    """Number of distinct values in ``params``: tensors sharing storage (same data_ptr) count once."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for p in params:
-        key = (p.data_ptr(), p.numel())
-        if key not in seen:
-            seen.add(key)
-            total += p.numel()
-    return total
-
-
 def parameter_count(model: nn.Module) -> int:
     """Number of distinct parameter values (tied/shared tensors counted once)."""
     return unique_numel(model.parameters())
-
-
-def fingerprint(model: nn.Module) -> str:
-    """A content hash of the model: config, parameter names/shapes, and a strided sample of values.
-
-    Cheap (tens of ms on a 135M model) and stable across processes, so analysis caches
-    can be keyed by it.
-    """
-    h = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None:
-        keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
-        h.update(json.dumps({k: getattr(config, k, None) for k in keys}, sort_keys=True).encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // 64)
-            sample = flat[::step][:64].to(torch.float64)
-            h.update(name.encode())
-            h.update(str(tuple(p.shape)).encode())
-            h.update(sample.cpu().numpy().tobytes())
-            h.update(repr(round(float(flat.to(torch.float64).sum()), 6)).encode())
-    return h.hexdigest()[:16]
 
 
 def model_info(model: nn.Module, tokenizer: Any = None) -> dict:
@@ -325,29 +275,3 @@ def model_info(model: nn.Module, tokenizer: Any = None) -> dict:
         "max_position_embeddings": int(getattr(config, "max_position_embeddings", 0) or 0),
         "dtype": str(emb.dtype).replace("torch.", ""),
     }
-
-
-def tiny_llama(num_blocks: int = 6, hidden: int = 64, vocab: int = 128, kv_heads: int = 2, seed: int = 0) -> nn.Module:
-    """A tiny random LLaMA (GQA) built in code: for tests and examples, no download."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_blocks,
-        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
-        tie_word_embeddings=False, pad_token_id=1, bos_token_id=2, eos_token_id=3,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_opt(num_blocks: int = 4, hidden: int = 64, vocab: int = 128, seed: int = 0) -> nn.Module:
-    """A tiny random OPT built in code (tied embeddings, biases, LayerNorm)."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = OPTConfig(
-        vocab_size=vocab, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=num_blocks,
-        num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=hidden,
-        pad_token_id=1, bos_token_id=2, eos_token_id=3,
-    )
-    return OPTForCausalLM(cfg).eval()

@@ -10,22 +10,20 @@ between steps, and checkpoints atomically (``flexigpt.recover_state``), so an in
 resumes to the same end point. Pass an ``accelerate.Accelerator`` to run the same loop
 data-parallel (see ``flexigpt.accelerate_recover``).
 
-Paper: FlexiGPT (Smith et al., NAACL 2025), https://arxiv.org/abs/2501.14713 (sections 1.6-1.7,
-6.4 of our method notes); FoldGPT tail distillation: https://arxiv.org/abs/2407.00928
+Paper: FlexiGPT (Smith et al., NAACL 2025), https://arxiv.org/abs/2501.14713; FoldGPT tail
+distillation: https://arxiv.org/abs/2407.00928
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from flexigpt.arch import get_blocks
+from flexigpt.recover_spec import RecoverSpec
 from flexigpt.recover_state import (CHECKPOINT_NAME, copy_into, load_checkpoint, load_trainable, save_checkpoint,
                                     save_trainable, trainable_state)
 
@@ -42,100 +41,6 @@ __all__ = ["CHECKPOINT_NAME", "RecoverSpec", "StepLog", "load_trainable", "recov
 
 # Fields that may differ between a checkpoint and the run that resumes it.
 _RESUME_FREE = ("checkpoint_every",)
-
-
-def _bad(name: str, value: Any, valid: str) -> ValueError:
-    return ValueError(f"recover.{name} must be {valid}, got {value!r}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-@dataclass(frozen=True)
-class RecoverSpec:
-    """How to heal: budget, optimiser and objective. Validated at construction.
-
-    Attributes:
-        steps: optimizer steps.
-        lr: peak learning rate of AdamW (the paper uses 4e-3 for rank-256 adapters).
-        batch_size: windows per micro-batch (per process under data parallelism).
-        grad_accum: micro-batches accumulated into one optimizer step.
-        seq_len: tokens per window; longer windows are cut to it, shorter ones are an error.
-        warmup: linear warm-up, a fraction of ``steps`` when < 1, else a whole number of steps.
-        objective: ``lm`` (next-token cross-entropy), ``distill`` (``kd_weight`` * KL +
-            ``hidden_weight`` * hidden MSE against a teacher) or ``mix`` (cross-entropy plus both).
-        kd_temperature: softmax temperature of the logit KL (scaled by T^2, Hinton et al.).
-        kd_weight: weight of the logit KL term.
-        hidden_weight: weight of the tail term: MSE between the last block's outputs (before
-            the final norm), divided by the teacher's mean square so the weight is scale-free.
-        clip: max global gradient norm, or ``None`` for no clipping.
-        weight_decay: AdamW decay, applied to matrices only (never to norms or biases).
-        betas: AdamW betas.
-        seed: data order (one permutation of the windows per epoch).
-        checkpoint_every: write a checkpoint every this many steps (0: only at the end and on cancel).
-    """
-
-    steps: int = 200
-    lr: float = 5e-4
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 256
-    warmup: float = 0.03
-    objective: Literal["lm", "distill", "mix"] = "lm"
-    kd_temperature: float = 1.0
-    kd_weight: float = 1.0
-    hidden_weight: float = 0.0
-    clip: float | None = 1.0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    seed: int = 0
-    checkpoint_every: int = 0
-
-    def __post_init__(self) -> None:
-        for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seq_len", 2), ("seed", 0), ("checkpoint_every", 0)):
-            v = getattr(self, name)
-            if not _is_int(v) or v < low:
-                raise _bad(name, v, f"an integer >= {low}")
-        if not _is_num(self.lr) or not 0 < self.lr <= 1:
-            raise _bad("lr", self.lr, "a number in (0, 1]")
-        w = self.warmup
-        if not _is_num(w) or w < 0 or (w >= 1 and (w != int(w) or w > self.steps)):
-            raise _bad("warmup", w, f"a fraction in [0, 1) or a whole number of steps in [1, {self.steps}]")
-        if self.objective not in ("lm", "distill", "mix"):
-            raise _bad("objective", self.objective, "one of 'lm', 'distill', 'mix'")
-        if not _is_num(self.kd_temperature) or self.kd_temperature <= 0:
-            raise _bad("kd_temperature", self.kd_temperature, "a number > 0")
-        for name in ("kd_weight", "hidden_weight", "weight_decay"):
-            v = getattr(self, name)
-            if not _is_num(v) or v < 0:
-                raise _bad(name, v, "a number >= 0")
-        if self.objective == "distill" and self.kd_weight == 0 and self.hidden_weight == 0:
-            raise _bad("kd_weight", self.kd_weight, "> 0 (or hidden_weight > 0) for objective 'distill'")
-        if self.clip is not None and (not _is_num(self.clip) or self.clip <= 0):
-            raise _bad("clip", self.clip, "a number > 0 or None")
-        b = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
-        if len(b) != 2 or not all(_is_num(x) and 0 <= x < 1 for x in b):
-            raise _bad("betas", self.betas, "two numbers in [0, 1)")
-        object.__setattr__(self, "betas", (float(b[0]), float(b[1])))
-
-    @property
-    def warmup_steps(self) -> int:
-        return int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * self.steps))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RecoverSpec:
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown recover fields {unknown}; valid: {[f.name for f in dataclasses.fields(cls)]}")
-        return cls(**{k: tuple(v) if k == "betas" else v for k, v in data.items()})
 
 
 @dataclass(frozen=True)
@@ -253,19 +158,24 @@ def recover(
     acc = accelerator
     world, rank, main = (acc.num_processes, acc.process_index, acc.is_main_process) if acc else (1, 0, True)
     device = acc.device if acc else next(iter(params.values())).device
-    for name, p in params.items():  # fp32 master copies of what we train (method notes 6.4)
+    for name, p in params.items():  # fp32 master copies: bf16 updates of tiny gates round to zero
         if p.dtype != torch.float32:
             p.data = p.data.float()
     if acc:
         model.to(device)
         if teacher is not None:
             teacher.to(device)
+    # Matrices (LoRA factors) decay at the base rate. Vectors (output-norm gammas and scales,
+    # norms, biases) are gates: no decay, and their own rate, since Adam moves a parameter by
+    # about one learning rate per step and a 1e-3 gate could not open in a short run otherwise.
     decay = [p for p in params.values() if p.ndim >= 2]
-    no_decay = [p for p in params.values() if p.ndim < 2]
+    gates = [p for p in params.values() if p.ndim < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": spec.weight_decay, "lr": spec.lr},
+         {"params": gates, "weight_decay": 0.0, "lr": spec.lr * spec.gate_lr_scale}],
         lr=spec.lr, betas=spec.betas,
     )
+    # transformers is heavy: loaded when a recovery starts
     from transformers import get_cosine_schedule_with_warmup
 
     sched = get_cosine_schedule_with_warmup(opt, spec.warmup_steps, spec.steps)

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from flexigpt.atomic import atomic_file
+
 log = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT_NAME", "copy_into", "load_checkpoint", "load_trainable", "save_checkpoint", "save_trainable",
@@ -49,13 +51,13 @@ def copy_into(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
 
 def save_trainable(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the trainable tensors to a safetensors file, atomically."""
+    # safetensors is heavy: imported on first use
     from safetensors.torch import save_file
 
     path = Path(path)
     tensors = {n: t.cpu().contiguous().clone() for n, t in trainable_state(model).items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": "flexigpt-trainable"})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "flexigpt-trainable"})
     return path
 
 
@@ -65,6 +67,7 @@ def load_trainable(model: nn.Module, path: str | os.PathLike) -> None:
     Raises:
         ValueError: unreadable file, or names/shapes that do not match the model's trainable set.
     """
+    # safetensors is heavy: imported on first use
     from safetensors.torch import load_file
 
     try:
@@ -76,11 +79,9 @@ def load_trainable(model: nn.Module, path: str | os.PathLike) -> None:
 
 def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
     """Write a recovery checkpoint (``state`` as built by ``recover``) into ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / CHECKPOINT_NAME
-    tmp = directory / f".{CHECKPOINT_NAME}.tmp-{os.getpid()}"
-    torch.save({"format": FORMAT, "version": VERSION, **state}, tmp)
-    os.replace(tmp, final)
+    final = Path(directory) / CHECKPOINT_NAME
+    with atomic_file(final) as tmp:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, tmp)
     log.info("recovery checkpoint at step %d written to %s", state["step"], final)
     return final
 

@@ -65,6 +65,7 @@ class BlockScores:
 
     def to_frame(self):
         """One row per block: BI, its rank (0 = most removable) and the single-block angular distance."""
+        # pandas is heavy: imported on first use
         import pandas as pd
 
         order = self.prune_order()

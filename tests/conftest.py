@@ -33,7 +33,7 @@ def _seed_and_dtype():
 
 @pytest.fixture(scope="session")
 def _tiny_llama_base():
-    from flexigpt.models import tiny_llama
+    from tiny import tiny_llama
 
     return tiny_llama()
 
@@ -46,7 +46,7 @@ def tiny_model(_tiny_llama_base):
 
 @pytest.fixture(scope="session")
 def _tiny_opt_base():
-    from flexigpt.models import tiny_opt
+    from tiny import tiny_opt
 
     return tiny_opt()
 

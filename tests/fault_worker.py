@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/tiny.py
 
 from flexigpt.plan import AdapterSpec, Plan  # noqa: E402
 
@@ -21,7 +22,7 @@ RECOVER_STEPS = 60
 
 def built(which: str):
     """Model A or B: the same tiny base, two different FlexiGPT plans (different donors and ranks)."""
-    from flexigpt.models import tiny_llama
+    from tiny import tiny_llama
     from flexigpt.surgery import apply_plan
 
     torch.manual_seed(0)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from flexigpt.adapters import attach_kept_lora, base_linear, lora_factors, trainable_parameters
+from flexigpt.adapters import base_linear, lora_factors
+from flexigpt.trainable import attach_kept_lora, trainable_parameters
 from flexigpt.arch import arch_of, block_linears, get_blocks
 from flexigpt.params import matched_lora_rank, measure_params
 from flexigpt.plan import AdapterSpec, Plan

@@ -51,7 +51,7 @@ def test_gates_foldgpt_plan_and_speculative_chat(tiny_folder, tiny_text_file, re
     with pytest.raises(gr.Error, match="group size"):
         plan_tab.on_group_size(plan, 0)
     flexi = plan_tab.on_method(plan, FLEXI, 0.34, 4, request_, 2, True)
-    assert flexi.method == "flexigpt" and set(flexi.dropped_blocks) == set(lowest) and flexi.adapter.align
+    assert flexi.method == "flexigpt" and set(flexi.unstored_blocks) == set(lowest) and flexi.adapter.align
     assert not plan_tab.on_align(flexi, False).adapter.align
     assert plan_tab.on_align(plan, True) == plan  # align concerns FlexiGPT adapters only
     back = plan_tab.on_method(flexi, FOLD, 0.34, 4, request_, 2, False)

@@ -67,7 +67,7 @@ def test_plan_render_and_edits(tiny_folder, request_):
     redonor = plan_tab.on_edit(plan, 4, "prune", 5)
     assert redonor.layer_map[4] == 5
     pruned = plan_tab.on_edit(plan, 0, "prune", plan_tab.AUTO)
-    assert 0 in pruned.dropped_blocks
+    assert 0 in pruned.pruned_blocks
     assert plan_tab.on_rank(plan, 4).adapter.rank == 4
     new_plan, fig2, _, table2, *_ = plan_tab.edit_view(plan, 2, "keep", None, request_)  # plan + its views at once
     assert new_plan == kept and list(table2["action"]).count("prune") == 1 and isinstance(fig2, go.Figure)
@@ -134,9 +134,9 @@ def test_story_on_the_tiny_model(tiny_folder, tiny_text_file, request_, monkeypa
     assert "kept from this visit" in status2 and token2 != token
 
     plan = plan_tab.on_propose(0.3, "FlexiGPT (share a donor + adapter)", 4, request_)
-    assert len(plan.dropped_blocks) == 2 and plan.adapter.rank == 4
+    assert len(plan.pruned_blocks) == 2 and plan.adapter.rank == 4
     bi = session.work(request_.session_hash).analysis["block_influence"]
-    assert set(plan.dropped_blocks) == set(sorted(range(6), key=lambda i: bi[i])[:2])
+    assert set(plan.pruned_blocks) == set(sorted(range(6), key=lambda i: bi[i])[:2])
 
     msg, token3 = share_tab.on_compute(tiny_folder, data, 4, 64, [4], "pruned x kept blocks of the plan (fast)",
                                        plan, request_)
@@ -144,15 +144,23 @@ def test_story_on_the_tiny_model(tiny_folder, tiny_text_file, request_, monkeypa
     rank_upd, view_upd, fig, donors_md = share_tab.on_refresh("relative", None, share_tab.AGGREGATED, plan, request_)
     assert rank_upd["value"] == 4 and "q_proj" in view_upd["choices"]
     heat = fig.data[0]
-    assert [y for y in heat.y] == [f"block {b}" for b in plan.dropped_blocks]  # rows: the plan's pruned blocks
+    assert [y for y in heat.y] == [f"block {b}" for b in plan.pruned_blocks]  # rows: the plan's pruned blocks
     assert "←" in donors_md
     # "auto (suggested)" on a hand edit is the share-error suggestion, as in the heatmap
-    b = plan.dropped_blocks[0]
+    b = plan.pruned_blocks[0]
     suggested = session.work(request_.session_hash).analysis["donor_suggestion"]["donors"][str(b)]
     kept_b = plan_tab.on_edit(plan, b, "keep", None, request_)
     assert plan_tab.on_edit(kept_b, b, "prune", plan_tab.AUTO, request_).donors[b] == suggested
     per_matrix, _ = share_tab.on_share_view("absolute", 4, "q_proj", plan, request_)
     assert len(per_matrix.data[0].z) == 2
+    # a new analysis (here: the share error again, at another rank) keeps the hand edits
+    other = next(k for k in plan.kept_blocks if k != plan.layer_map[b])
+    edited = plan_tab.on_edit(plan, b, "prune", other, request_)
+    share_tab.on_compute(tiny_folder, data, 4, 64, [2], "pruned x kept blocks of the plan (fast)", edited, request_)
+    after = plan_tab.on_analysis(edited, 0.3, "FlexiGPT (share a donor + adapter)", 4, request_)
+    assert after.pruned_blocks == edited.pruned_blocks and after.layer_map[b] == other
+    assert plan_tab.on_analysis(None, 0.3, "FlexiGPT (share a donor + adapter)", 4, request_).pruned_blocks == \
+        plan.pruned_blocks  # no plan yet: a fresh proposal
     with pytest.raises(gr.Error, match="pick at least one rank"):
         share_tab.on_compute(tiny_folder, data, 4, 64, [], "all block pairs (slow)", plan, request_)
 

@@ -14,8 +14,17 @@ from flexigpt.cli import COMMANDS, main
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_reserved_commands():
-    assert COMMANDS[:6] == ("info", "analyze", "plan", "build", "eval", "chat")
+def test_the_parser_offers_exactly_the_documented_commands():
+    import argparse
+    import re
+
+    from flexigpt.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    cli = readme[readme.index("## CLI"):readme.index("## Benchmarks")]
+    documented = [m for m in re.findall(r"^### `(\w+)`", cli, flags=re.M) if m != "accelerate"]
+    assert list(sub.choices) == documented and set(COMMANDS) == set(documented)
 
 
 def test_info_json_on_tiny_folder(tiny_model, tiny_tokenizer, tmp_path, capsys):

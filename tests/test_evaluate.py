@@ -10,7 +10,7 @@ import torch
 
 from flexigpt import evaluate
 from flexigpt.data import token_windows
-from flexigpt.models import tiny_llama
+from tiny import tiny_llama
 
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
 

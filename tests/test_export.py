@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from flexigpt.adapters import attach_kept_lora
+from flexigpt.trainable import attach_kept_lora
 from flexigpt.export import load_compact, save_compact, save_merged, save_peft_adapters
 from flexigpt.models import load_model
 from flexigpt.params import measure_params
@@ -151,7 +151,7 @@ def test_cli_build_exports_and_reports(tiny_model, tiny_tokenizer, tiny_text_fil
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["stored_parameters"] < result["original_parameters"] < result["run_parameters"]
     assert result["protocol"]["split"] == "heldout" and result["protocol"]["windows"] == 2
-    assert result["perplexity"] > 1 and result["export"] == str(tmp_path / "out")
+    assert result["ppl"] > 1 and result["export"] == str(tmp_path / "out")
     reloaded = load_model(result["export"])
     assert reloaded.model.config.num_hidden_layers == 6 and load_model(result["merged_export"]).source == "folder"
     # plan --json on that base prints the estimate, equal to what build measured

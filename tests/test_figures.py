@@ -149,11 +149,6 @@ def test_tables():
     pt = tables.plan_table(6, (0, 1, 2, 2, 5, 5), "flexigpt", a["block_influence"])
     assert list(pt["action"]) == ["keep", "keep", "keep", "prune", "prune", "keep"]
     assert list(pt["donor (0-based)"])[3:5] == ["2", "5"]
-    assert tables.read_plan_table(pt)[3] == (3, "prune", 2)
-    bad = pt.copy()
-    bad.loc[1, "action"] = "delete"
-    with pytest.raises(ValueError, match="'delete'"):
-        tables.read_plan_table(bad)
     drop = tables.plan_table(6, (0, 1, 2, 5), "drop")
     assert list(drop["action"]).count("prune") == 2
     params = tables.params_table({"stored": 70, "run": 100, "trainable": 5}, base_total=100)

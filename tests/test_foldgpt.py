@@ -24,7 +24,7 @@ def test_foldgpt_plan_removes_lowest_and_groups_the_rest():
     p = foldgpt_plan("m", BI8, 0.25, 2)  # removes blocks 4 and 2 (lowest scores)
     assert p.method == "foldgpt" and p.sources == (0, 1, 3, 5, 6, 7)
     assert p.layer_map == (0, 0, 3, 3, 6, 6) and p.groups == ((0, 1), (2, 3), (4, 5))
-    assert p.removed_blocks == (2, 4) and p.kept_blocks == (0, 3, 6) and p.dropped_blocks == (1, 2, 4, 5, 7)
+    assert p.removed_blocks == (2, 4) and p.kept_blocks == (0, 3, 6) and p.unstored_blocks == (1, 2, 4, 5, 7)
     assert p.shared_slots == (1, 3, 5) and p.donors == {1: 0, 3: 3, 5: 6} and p.replaced_slots == ()
     assert p.group_size == 2 and p.note("selection") == "lowest FoldGPT gate"
     assert foldgpt_plan("m", BI8, 0.25, 3).layer_map == (0, 0, 0, 5, 5, 5)
@@ -35,7 +35,7 @@ def test_foldgpt_plan_removes_lowest_and_groups_the_rest():
     q = plan_from_analysis(a, 0.25, method="foldgpt", group_size=2)
     assert q.layer_map == p.layer_map and q.note("selection") == "lowest block influence"
     assert p.with_method("drop").layer_map == p.sources
-    assert p.with_method("flexigpt").dropped_blocks == (2, 4)
+    assert p.with_method("flexigpt").unstored_blocks == (2, 4)
     assert p.with_method("drop").with_method("foldgpt", group_size=2) == p
     assert p.with_group_size(3).layer_map == (0, 0, 0, 5, 5, 5)
     assert p.drop(7).sources == (0, 1, 3, 5, 6) and p.keep(2).sources == (0, 1, 2, 3, 5, 6, 7)

@@ -56,7 +56,6 @@ def test_mode_and_overrides():
         limits.current({"FLEXIGPT_SEQ_LEN": "lots"})
     with pytest.raises(ValueError, match="FLEXIGPT_HEAVY_JOBS needs a number"):
         limits.current({"FLEXIGPT_HEAVY_JOBS": "none"})
-    assert len(limits.describe(pub)) == len(limits.SETTINGS) + 3
 
 
 def test_model_and_data_references():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from flexigpt.adapters import attach_kept_lora
+from flexigpt.trainable import attach_kept_lora
 from flexigpt.models import model_info
 from flexigpt.params import estimate_params, measure_params, params_table, rank_caps
 from flexigpt.plan import AdapterSpec, Plan, extend_plan

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from flexigpt.plan import AdapterSpec, Plan, extend_plan, plan_from_analysis, plan_from_scores
-from flexigpt.proposals import suggested_donor
+from flexigpt.plan import suggested_donor
 
 
 def _plan(lm=(0, 1, 1, 3, 3, 5), method="flexigpt", **kw):
@@ -15,15 +15,15 @@ def _plan(lm=(0, 1, 1, 3, 3, 5), method="flexigpt", **kw):
 
 def test_views_flexigpt():
     p = _plan()
-    assert p.replaced_slots == (2, 4) and p.dropped_blocks == (2, 4)
+    assert p.replaced_slots == (2, 4) and p.unstored_blocks == (2, 4)
     assert p.kept_blocks == (0, 1, 3, 5) and p.donors == {2: 1, 4: 3} and p.num_slots == 6
 
 
 def test_views_drop_and_extend():
     d = _plan((0, 1, 3, 5), "drop")
-    assert d.dropped_blocks == (2, 4) and d.replaced_slots == () and d.kept_blocks == (0, 1, 3, 5)
+    assert d.unstored_blocks == (2, 4) and d.replaced_slots == () and d.kept_blocks == (0, 1, 3, 5)
     e = extend_plan("tiny", 6, [1, 4], "block")
-    assert e.layer_map == (0, 1, 1, 2, 3, 4, 4, 5) and e.replaced_slots == (2, 6) and e.dropped_blocks == ()
+    assert e.layer_map == (0, 1, 1, 2, 3, 4, 4, 5) and e.replaced_slots == (2, 6) and e.unstored_blocks == ()
     assert e.donors == {2: 1, 6: 4}
     s = extend_plan("tiny", 6, [2, 3, 4], "sequential")
     assert s.layer_map == (0, 1, 2, 3, 4, 2, 3, 4, 5) and s.replaced_slots == (5, 6, 7)
@@ -39,7 +39,7 @@ def test_views_drop_and_extend():
         (dict(layer_map=(0, 1, 1, 3), method="drop"), "[0, 1, 1, 3]"),  # duplicate in drop
         (dict(layer_map=(0, 2, 1), method="drop"), "[0, 2, 1]"),
         (dict(layer_map=(0, 1, 2, 3, 4, 5), method="prune"), "'prune'"),
-        (dict(layer_map=(0, 1, 2, 3, 4, 5), format_version=3), "3"),
+        (dict(layer_map=(0, 1, 2, 3, 4, 5), format_version=4), "4"),  # format 3 is the newest
         (dict(layer_map=(0, 1.5, 2, 3, 4, 5)), "1.5"),
         (dict(layer_map=(0, "1", 2, 3, 4, 5)), "'1'"),
         (dict(layer_map=(0, True, 2, 3, 4, 5)), "True"),
@@ -144,13 +144,13 @@ def test_edits_return_new_plans():
 def test_plan_from_scores_picks_lowest_bi_and_donors():
     bi = [0.9, 0.1, 0.05, 0.3, 0.02, 0.5, 0.4, 0.8]
     p = plan_from_scores("m", bi, 0.3)  # round(2.4) = 2 blocks: 4 and 2
-    assert p.dropped_blocks == (2, 4) and p.donors == {2: 1, 4: 3} and p.note("ratio") == 0.3
+    assert p.unstored_blocks == (2, 4) and p.donors == {2: 1, 4: 3} and p.note("ratio") == 0.3
     err = [[None] * 8 for _ in range(8)]
     err[2] = [5.0, 4.0, None, 3.0, None, 1.0, 2.0, 9.0]
     err[4] = [1.0, 4.0, None, 3.0, None, 2.0, 2.0, 9.0]
     p = plan_from_scores("m", bi, 0.3, share_error=err)
     assert p.donors == {2: 5, 4: 0}
-    assert plan_from_scores("m", bi, 0.3, protect=(4,)).dropped_blocks == (1, 2)
+    assert plan_from_scores("m", bi, 0.3, protect=(4,)).unstored_blocks == (1, 2)
     assert plan_from_scores("m", bi, 0.3, method="drop").layer_map == (0, 1, 3, 5, 6, 7)
     assert plan_from_scores("m", bi, 0.0).replaced_slots == ()
     for bad in (-0.1, 0.95, float("nan"), "0.3"):
@@ -170,7 +170,7 @@ def _analysis(L=8):
 
 def test_plan_from_analysis_uses_the_suggested_metric():
     p = plan_from_analysis(_analysis(), 0.3)
-    assert p.base_model == "default" and p.dropped_blocks == (2, 4) and p.donors == {2: 6, 4: 6}
+    assert p.base_model == "default" and p.unstored_blocks == (2, 4) and p.donors == {2: 6, 4: 6}
     assert p.note("donor_metric") == "relative" and p.note("analysis_fingerprint") == "abc"
     a = _analysis()
     del a["share_error"]

@@ -196,7 +196,8 @@ def test_recovers_a_flexigpt_build_and_keeps_sharing(tiny_model):
     trainable = trainable_state(model)
     assert trainable and all(n.startswith(("model.layers.3.", "model.layers.5.")) for n in trainable)
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
-    spec = RecoverSpec(steps=8, lr=5e-3, batch_size=4, seq_len=16, warmup=0, objective="mix", hidden_weight=1.0)
+    spec = RecoverSpec(steps=8, lr=5e-3, gate_lr_scale=1.0, batch_size=4, seq_len=16, warmup=0, objective="mix",
+                       hidden_weight=1.0)
     logs = list(recover(model, _windows(n=4), spec, teacher=base))
     assert logs[-1].loss < logs[0].loss
     assert all(torch.equal(before[n], p) for n, p in base.named_parameters())  # the teacher/base is untouched

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexigpt.adapters import base_linear, trainable_parameters
+from flexigpt.adapters import base_linear
+from flexigpt.trainable import trainable_parameters
 from flexigpt.arch import arch_of, block_linears, get_blocks
 from flexigpt.plan import AdapterSpec, Plan, extend_plan
 from flexigpt.surgery import apply_plan, build_info
@@ -142,7 +143,7 @@ def test_embedded_flexigpt_starts_at_the_drop_and_extend_at_the_original(smollm)
     held = token_windows(tok, "default", seq_len=256, split="heldout", max_windows=4).input_ids
     bi = _block_influence(model, calib)
     plan = plan_from_scores("default", bi, 0.3)
-    assert len(plan.dropped_blocks) == 9 and 0 not in plan.dropped_blocks
+    assert len(plan.unstored_blocks) == 9 and 0 not in plan.unstored_blocks
     drop = _ppl(apply_plan(model, plan.with_method("drop")), held)
     flexi = _ppl(apply_plan(model, plan), held)
     assert abs(flexi - drop) / drop < 0.05, (flexi, drop)  # not thousands, as plain sharing gives

@@ -8,20 +8,17 @@ import gradio as gr
 from app import figures, limits, tables, text
 from app.common import fmt_params, heavy, session_key, user_errors
 from app.session import MB, REGISTRY, Build, admit_build, check_server_memory, own_bytes, work
+from flexigpt.recover_spec import RecoverSpec
 
 PREVIEW_WINDOWS = 4
 PREVIEW_SEQ_LEN = 128
+CALIBRATION_WINDOWS = 32  # train windows the slot fits read (whitened init)
+DEFAULT_GATE_LR_SCALE = RecoverSpec().gate_lr_scale  # the library's default recipe
 
 
 def build_name(plan) -> str:
-    """A short readable name: ``flexigpt 30% r8``, ``drop 30%``, ``extend +6``."""
-    if plan.method == "extend":
-        return f"extend +{plan.num_slots - plan.num_blocks} r{plan.adapter.rank}"
-    if plan.method == "foldgpt":
-        pct = round(100 * len(plan.removed_blocks) / plan.num_blocks)
-        return f"foldgpt {pct}% g{plan.group_size}"
-    pct = round(100 * len(plan.dropped_blocks) / plan.num_blocks)
-    return f"{plan.method} {pct}%" + (f" r{plan.adapter.rank}" if plan.method == "flexigpt" else "")
+    """A short readable name: ``flexigpt 30% r8``, ``drop 30%``, ``extend +6`` (the method's own)."""
+    return plan.method_spec.short_name(plan)
 
 
 def preview_windows(tokenizer, data_ref: str):
@@ -36,9 +33,7 @@ def quick_ppl(model, windows) -> tuple[float, dict]:
     from flexigpt import evaluate
 
     result = evaluate.perplexity(model, windows)
-    protocol = getattr(result, "protocol", None)
-    protocol = protocol() if callable(protocol) else protocol
-    return float(result.ppl), dict(protocol or windows.protocol())
+    return float(result.ppl), dict(result.protocol or windows.protocol())
 
 
 def base_ppl(key: str, model_ref: str, data_ref: str) -> tuple[float, dict]:
@@ -54,13 +49,18 @@ def base_ppl(key: str, model_ref: str, data_ref: str) -> tuple[float, dict]:
 def _build_one(key: str, plan, data_ref: str) -> Build:
     """Build one plan and keep it for the visitor, if the limits allow it (checked again with the
     build's real size: the bytes its own tensors take beyond the shared base weights)."""
+    from flexigpt import pipeline
+    from flexigpt.data import token_windows
     from flexigpt.params import measure_params
-    from flexigpt.surgery import apply_plan
 
     name = build_name(plan)
     admit_build(key, [name])
     loaded = REGISTRY.get(plan.base_model)
-    model = apply_plan(loaded.model, plan)
+    calibration = None
+    if plan.adapter.init == "whitened" and plan.replaced_slots:
+        calibration = token_windows(loaded.tokenizer, limits.check_data_ref(data_ref), seq_len=PREVIEW_SEQ_LEN,
+                                    split="train", max_windows=CALIBRATION_WINDOWS)
+    model = pipeline.build(loaded.model, plan, calibration=calibration)
     size = own_bytes(model, loaded.model)
     admit_build(key, [name], size)
     ppl, protocol = quick_ppl(model, preview_windows(loaded.tokenizer, data_ref))
@@ -83,7 +83,7 @@ def on_build(plan, data_ref: str, also_drop: bool, token: int, request: gr.Reque
     progress(0.05, desc="measuring the original model")
     ppl0, protocol = base_ppl(key, plan.base_model, data_ref)
     todo = [plan]
-    if also_drop and plan.method == "flexigpt" and plan.dropped_blocks:
+    if also_drop and plan.method != "drop" and plan.method_spec.editable and plan.pruned_blocks:
         todo.append(plan.with_method("drop"))
     admit_build(key, [build_name(p) for p in todo])  # the count limits, before any work
     lines = [f"Original: perplexity **{ppl0:.2f}**."]
@@ -102,10 +102,11 @@ def on_build(plan, data_ref: str, also_drop: bool, token: int, request: gr.Reque
 
 @user_errors
 def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_ref: str, token: int,
-               request: gr.Request = None):
+               request: gr.Request = None, gate_lr_scale: float | None = None):
     """Generator: train the build's adapters, yielding (loss figure, status, builds token) per step."""
     from flexigpt.data import token_windows
-    from flexigpt.recover import RecoverSpec, recover
+    from flexigpt.pipeline import recover_model
+    from flexigpt.recover import RecoverSpec
 
     key = session_key(request)
     w = work(key)
@@ -116,13 +117,15 @@ def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_
     batch = limits.check_int("batch (windows)", batch, 1, lim.recover_batch)
     seq_len = limits.check_int("tokens per window", seq_len, 2, lim.seq_len)
     lr = limits.check_float("learning rate", lr, 1e-8, 1.0)
+    gates = {} if gate_lr_scale is None else {
+        "gate_lr_scale": limits.check_float("gate learning-rate multiplier", gate_lr_scale, 0.01, 1000.0)}
     data_ref = limits.check_data_ref(data_ref, lim)
     check_server_memory(lim)
     b = w.builds[name]
     note = ""
     if b.plan.method == "drop":
         note = _attach_baseline_lora(b)
-    spec = RecoverSpec(steps=steps, lr=float(lr), batch_size=batch, seq_len=seq_len, objective="lm")
+    spec = RecoverSpec(steps=steps, lr=float(lr), batch_size=batch, seq_len=seq_len, objective="lm", **gates)
     context = getattr(b.model.config, "max_position_embeddings", None) or None
     windows = token_windows(b.tokenizer, data_ref, seq_len=seq_len, split="train",
                             max_windows=min(512, steps * batch), max_len=context)
@@ -131,7 +134,8 @@ def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_
     token = int(token or 0)
     yield figures.loss_curve(b.steps, b.losses, name), f"Recovering **{name}**: starting…{note}", token
     last = None
-    for log in recover(b.model, windows, spec, should_stop=w.stop.is_set):
+    base = REGISTRY.get(b.plan.base_model).model
+    for log in recover_model(b.model, base, windows, spec, should_stop=w.stop.is_set):
         last = log
         b.steps.append(offset + int(log.step))
         b.losses.append(float(log.loss))
@@ -149,18 +153,23 @@ def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_
            f"{b.ppl_before:.2f} before → **{ppl:.2f}** after.{note}", token + 1)
 
 
+def recover_view(name, steps, batch, seq_len, lr, data_ref, token, gate_lr_scale, request: gr.Request = None):
+    """``on_recover`` with the advanced row's gate multiplier (event inputs are positional)."""
+    yield from on_recover(name, steps, batch, seq_len, lr, data_ref, token, request, gate_lr_scale)
+
+
 def _attach_baseline_lora(b: Build) -> str:
     """A plain drop has nothing to train; recovering it makes it the ShortGPT + LoRA baseline: LoRA on
     the kept blocks at the rank whose trainable count matches the same blocks built as FlexiGPT."""
-    from flexigpt.adapters import attach_kept_lora
-    from flexigpt.params import matched_lora_rank, measure_params
+    from flexigpt.params import measure_params
+    from flexigpt.pipeline import recipe
     from flexigpt.surgery import build_info
+    from flexigpt.trainable import attach_kept_lora
 
     info = build_info(b.model)
     if info.kept_lora is None:
         loaded = REGISTRY.get(b.plan.base_model)
-        rank = matched_lora_rank(b.plan, loaded.model)
-        attach_kept_lora(b.model, rank)
+        attach_kept_lora(b.model, recipe(b.plan, loaded.model, recovering=True).kept_lora_rank)
         b.params = measure_params(b.model).to_dict()
     rank = build_info(b.model).kept_lora["rank"]
     return (f" (ShortGPT + LoRA baseline: LoRA rank {rank} on the {b.plan.num_slots} kept blocks, "
@@ -187,6 +196,10 @@ def render(ctx) -> None:
         batch = gr.Number(2, label="batch (windows)", precision=None, minimum=1, maximum=limits.current().recover_batch, elem_id="recover-batch")
         seq_len = gr.Dropdown([64, 128, 256], value=128, label="tokens per window", elem_id="recover-seq")
         lr = gr.Number(5e-4, label="learning rate", elem_id="recover-lr")
+    with gr.Accordion("advanced", open=False):
+        with gr.Row():
+            gate_lr = gr.Number(DEFAULT_GATE_LR_SCALE, label="gate learning-rate multiplier (output-norm scales, "
+                                "norms, biases; no weight decay)", minimum=0.01, maximum=1000, elem_id="recover-gate-lr")
     with gr.Row():
         recover_btn = gr.Button("Recover", variant="primary", elem_id="recover-btn")
         stop = gr.Button("Stop", variant="stop", elem_id="stop-btn")
@@ -195,6 +208,6 @@ def render(ctx) -> None:
     data = ctx["data_ref"]
     build.click(on_build, [ctx.plan, data, also_drop, ctx.builds_token], [status, name, ctx.builds_token],
                 api_name="build", **heavy())
-    recover_btn.click(on_recover, [name, steps, batch, seq_len, lr, data, ctx.builds_token],
+    recover_btn.click(recover_view, [name, steps, batch, seq_len, lr, data, ctx.builds_token, gate_lr],
                       [curve, rec_status, ctx.builds_token], api_name="recover", **heavy())
     stop.click(on_stop, None, [rec_status], queue=False, api_name="stop")

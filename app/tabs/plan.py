@@ -1,7 +1,7 @@
 """Tab 4: the Plan. A ratio proposes it; per-block edits refine it; one renderer draws it.
 
 Editors only produce a new Plan (into ``ctx.plan``); ``on_render`` is the only view of it
-(house style 4.4: one renderer). Every edit goes through the Plan's own validation, so a bad
+(one renderer, so no view can disagree with another). Every edit goes through the Plan's own validation, so a bad
 edit is a ``ValueError`` with a clear message, shown as ``gr.Error``.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pandas as pd
 from app import figures, limits, tables, text
 from app.common import PLANS_DIR, fmt_params, session_key, user_errors
 from app.session import REGISTRY, work
+from flexigpt.methods import methods as registered_methods
 
-METHODS = {"FlexiGPT (share a donor + adapter)": "flexigpt", "drop (ShortGPT)": "drop", "extend (copy blocks)": "extend",
-           "FoldGPT (remove, then share in groups)": "foldgpt"}
+METHODS = {m.label: m.name for m in registered_methods()}  # menu label -> method name, from the registry
 METHOD_LABEL = {v: k for k, v in METHODS.items()}
 AUTO = "auto (suggested)"
 
@@ -56,6 +56,36 @@ def on_propose(ratio: float, method_label: str, rank: int, request: gr.Request =
     return plan_from_analysis(analysis, ratio, method=method, adapter=AdapterSpec(rank=rank, align=bool(align)))
 
 
+HAND_DONORS = "hand_donors"  # plan note: pruned blocks whose donor was picked by hand
+
+
+def _hand_donors(plan) -> set[int]:
+    noted = plan.note(HAND_DONORS) or ""
+    return {int(b) for b in str(noted).split(",") if b.strip().isdigit()}
+
+
+@user_errors
+def on_analysis(plan, ratio: float, method_label: str, rank: int, request: gr.Request = None, group_size: int = 2,
+                align: bool = False):
+    """A new analysis (block scores or share error) arrived. Without a plan for this model, propose
+    one; with one, keep the user's work: its pruned set, method and hand-picked donors stay, and
+    only donors left on "auto" follow the new analysis' suggestion."""
+    from flexigpt.plan import suggested_donor
+
+    analysis = work(session_key(request)).analysis
+    if (plan is None or analysis is None or str(analysis.get("model")) != plan.base_model
+            or analysis.get("num_blocks") != plan.num_blocks):
+        return on_propose.__wrapped__(ratio, method_label, rank, request, group_size, align)
+    if not plan.method_spec.chooses_donors:
+        return plan
+    hand, new = _hand_donors(plan), plan
+    for b in plan.pruned_blocks:
+        d = None if b in hand else suggested_donor(analysis, new, b)
+        if d is not None and d != new.layer_map[b]:
+            new = new.with_donor(b, d)
+    return new
+
+
 @user_errors
 def on_method(plan, method_label: str, ratio: float, rank: int, request: gr.Request = None, group_size: int = 2,
               align: bool = False):
@@ -85,7 +115,7 @@ def on_group_size(plan, group_size):
 @user_errors
 def on_align(plan, align: bool):
     """Permutation-aligned donors for the adapter initialisation (FlexiGPT plans only)."""
-    if plan is None or plan.method != "flexigpt":
+    if plan is None or not plan.method_spec.chooses_donors:
         return plan
     return plan.with_adapter(align=bool(align))
 
@@ -125,13 +155,17 @@ def on_edit(plan, block, action: str, donor, request: gr.Request = None):
     if action != "prune":
         raise ValueError(f"action must be 'keep' or 'prune', got {action!r}")
     d = None if donor in (None, "", AUTO) else limits.check_int("donor", donor, 0, plan.num_blocks - 1)
-    if d is None and plan.method == "flexigpt":
-        from flexigpt.proposals import suggested_donor
+    if d is None and plan.method_spec.chooses_donors:
+        from flexigpt.plan import suggested_donor
 
         d = suggested_donor(work(session_key(request)).analysis, plan, b)
-    if plan.method == "flexigpt" and b in plan.dropped_blocks and d is not None:
+    if not plan.method_spec.chooses_donors:
+        return plan.drop(b)
+    if donor not in (None, "", AUTO):  # remembered, so a later analysis does not replace it
+        plan = plan.with_notes(**{HAND_DONORS: ",".join(map(str, sorted(_hand_donors(plan) | {b})))})
+    if b in plan.pruned_blocks and d is not None:
         return plan.with_donor(b, d)
-    return plan.drop(b, d) if plan.method == "flexigpt" else plan.drop(b)
+    return plan.drop(b, d)
 
 
 def on_pick_block(plan, block):
@@ -142,9 +176,9 @@ def on_pick_block(plan, block):
         b = limits.check_int("block", block, 0, plan.num_blocks - 1)
     except ValueError:
         return gr.update(), gr.update(choices=[AUTO], value=AUTO)
-    pruned = b in (plan.removed_blocks if plan.method == "foldgpt" else plan.dropped_blocks)
+    pruned = b in plan.pruned_blocks
     kept = [k for k in plan.kept_blocks if k != b]
-    current = plan.layer_map[b] if plan.method == "flexigpt" and pruned else AUTO
+    current = plan.layer_map[b] if plan.method_spec.chooses_donors and pruned else AUTO
     return gr.update(value="prune" if pruned else "keep"), gr.update(choices=[AUTO] + kept, value=current)
 
 
@@ -154,7 +188,7 @@ def plan_message(plan, info: dict, counts) -> str:
     lines = []
     if plan.method == "flexigpt":
         pairs = ", ".join(f"{b}←{d}" for b, d in sorted(plan.donors.items())) or "none"
-        lines.append(f"**FlexiGPT**: {len(plan.dropped_blocks)} of {plan.num_blocks} blocks pruned; their slots "
+        lines.append(f"**FlexiGPT**: {len(plan.pruned_blocks)} of {plan.num_blocks} blocks pruned; their slots "
                      f"reuse a donor (pruned ← donor, 0-based): {pairs}; adapter rank {plan.adapter.rank}.")
     elif plan.method == "foldgpt":
         groups = [g for g in plan.groups if len(g) > 1]
@@ -165,20 +199,20 @@ def plan_message(plan, info: dict, counts) -> str:
                      f"kept blocks share weights in groups of up to {plan.group_size}: {shown}. Every slot keeps its "
                      "own pre-norms, the only parameters recovery trains (use the distill objective for the cure).")
     elif plan.method == "drop":
-        lines.append(f"**drop**: blocks {', '.join(map(str, plan.dropped_blocks)) or 'none'} (0-based) removed; "
+        lines.append(f"**drop**: blocks {', '.join(map(str, plan.pruned_blocks)) or 'none'} (0-based) removed; "
                      f"{plan.num_slots} blocks remain.")
     else:
         lines.append(f"**extend**: {plan.num_slots} slots from {plan.num_blocks} blocks; copies at slots "
                      f"{', '.join(map(str, plan.replaced_slots))} (adapter rank {plan.adapter.rank}).")
     lines.append(f"Stored parameters {fmt_params(counts.stored)} ({100 * counts.stored / base:.1f} % of "
                  f"{fmt_params(base)}); each forward pass runs {fmt_params(counts.run)}.")
-    if plan.method == "flexigpt" and plan.donors:
+    if plan.method_spec.chooses_donors and plan.donors:
         from flexigpt.sharing import degeneracy_warning
 
         warn = degeneracy_warning({int(k): int(v) for k, v in plan.donors.items()})
         if warn:
             lines.append(f"⚠️ {warn}")
-    if 0 in (plan.removed_blocks if plan.method == "foldgpt" else plan.dropped_blocks):
+    if 0 in plan.pruned_blocks:
         lines.append("⚠️ block 0 is pruned: the first block usually matters most (highest BI).")
     return "\n\n".join(lines)
 
@@ -236,6 +270,11 @@ def _views(plan, request) -> tuple:
 def propose_view(ratio: float, method_label: str, rank: int, group_size: int = 2, align: bool = False,
                  request: gr.Request = None) -> tuple:
     return _views(on_propose(ratio, method_label, rank, request, group_size, align), request)
+
+
+def analysis_view(plan, ratio: float, method_label: str, rank: int, group_size: int = 2, align: bool = False,
+                  request: gr.Request = None) -> tuple:
+    return _views(on_analysis(plan, ratio, method_label, rank, request, group_size, align), request)
 
 
 def method_view(plan, method_label: str, ratio: float, rank: int, group_size: int = 2, align: bool = False,
@@ -315,7 +354,7 @@ def render(ctx) -> None:
     fast = dict(queue=False, show_progress="hidden")
     out = [ctx.plan, *views]
     proposing = [ratio, method, rank, group_size, align]
-    ctx.analysis_token.change(propose_view, proposing, out, **fast)
+    ctx.analysis_token.change(analysis_view, [ctx.plan, *proposing], out, **fast)
     ratio.release(propose_view, proposing, out, api_name="propose", **fast)
     method.input(method_view, [ctx.plan, method, ratio, rank, group_size, align], out, api_name="plan_method", **fast)
     group_size.submit(group_size_view, [ctx.plan, group_size], out, api_name="plan_group_size", **fast)

@@ -11,6 +11,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    # imported when the command runs, so `--help` stays fast
     from flexigpt.models import load_model, model_info
 
     loaded = load_model(args.model)

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 HELP = "make a plan (which blocks to prune, share or repeat, donors, adapter rank) from an analysis.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    # the registry is light (no torch): method names and each method's own options
+    from flexigpt.methods import method_names, methods
+
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--analysis", help="analysis.json (or the folder holding it) written by `analyze`")
     src.add_argument("--from-plan", help="an existing plan.json to edit")
@@ -18,19 +19,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop", default="", help="extra blocks to prune, e.g. 3,12")
     p.add_argument("--keep", default="", help="blocks to keep, e.g. 5")
     p.add_argument("--donor", action="append", default=[], help="set a donor: PRUNED=DONOR, e.g. 12=11 (repeatable)")
-    p.add_argument("--method", choices=("flexigpt", "drop", "extend", "foldgpt"), default=None)
-    p.add_argument("--group-size", type=int, default=None,
-                   help="foldgpt: kept blocks per group sharing one block's weights (default 2)")
-    p.add_argument("--gates-steps", type=int, default=0,
-                   help="foldgpt: train FoldGPT block gates for N steps on the analysis's calibration data and "
-                        "remove the lowest-gated blocks (default 0: the lowest Block Influence from --analysis)")
+    p.add_argument("--method", choices=method_names(), default=None,
+                   help="; ".join(f"{m.name}: {m.description}" for m in methods()))
+    for m in methods():
+        m.add_cli_options(p)
     p.add_argument("--align", action=argparse.BooleanOptionalAction, default=None,
                    help="initialise each adapter against its donor permutation-aligned to the pruned block")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank of the replacement slots")
     p.add_argument("--out-norm", choices=("layernorm", "scale"), default=None, help="output normalisation kind")
     p.add_argument("--out-norm-scale", type=float, default=None, help="starting gamma / scale of the output norms")
-    p.add_argument("--extend-blocks", default="", help="blocks to repeat for --method extend, e.g. 10,11,12")
-    p.add_argument("--extend-mode", choices=("block", "sequential"), default="block")
+    p.add_argument("--kept-lora-rank", type=int, default=None,
+                   help="LoRA rank on the kept blocks, trained with recovery (stored in the plan; a recovered drop "
+                        "plan without one gets the rank matched to the FlexiGPT budget)")
     p.add_argument("--out", required=True, help="where to write plan.json")
 
 
@@ -57,8 +57,10 @@ def _load_json(path: str, what: str) -> dict:
 
 def _base_config(ref: str):
     """The base model's config, read without loading weights where possible."""
+    # transformers is heavy: imported on first use
     from transformers import AutoConfig
 
+    # imported when the command runs, so `--help` stays fast
     from flexigpt import models
 
     if ref == "default":
@@ -71,20 +73,9 @@ def _base_config(ref: str):
     return models.load_model(ref).model.config
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _gate_scores(analysis: dict, ratio: float, steps: int) -> list[float]:
     """FoldGPT gates trained on the analysis's own calibration windows (train split)."""
+    # imported when the command runs, so `--help` stays fast
     from flexigpt.data import token_windows
     from flexigpt.gates import GateSpec, train_gates
     from flexigpt.models import load_model
@@ -97,6 +88,8 @@ def _gate_scores(analysis: dict, ratio: float, steps: int) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> dict:
+    # torch-heavy: loaded only when the command runs, so `--help` stays fast
+    from flexigpt.atomic import write_text
     from flexigpt.params import estimate_params
     from flexigpt.plan import Plan, extend_plan, foldgpt_plan, plan_from_analysis
 
@@ -152,9 +145,11 @@ def run(args: argparse.Namespace) -> dict:
         plan = plan.with_adapter(**changes)
     if args.ratio is not None:
         plan = plan.with_notes(ratio=float(args.ratio))
+    if args.kept_lora_rank is not None:
+        plan = plan.with_kept_lora(args.kept_lora_rank)
     out = Path(args.out)
-    _write_atomic(out, plan.to_json() + "\n")
-    result = {"plan": plan.to_dict(), "path": str(out), "pruned": list(plan.dropped_blocks),
+    write_text(out, plan.to_json() + "\n")
+    result = {"plan": plan.to_dict(), "path": str(out), "pruned": list(plan.unstored_blocks),
               "replaced_slots": list(plan.replaced_slots), "donors": {str(k): v for k, v in plan.donors.items()}}
     if plan.method == "foldgpt":
         result.update(removed=list(plan.removed_blocks), groups=[list(g) for g in plan.groups],

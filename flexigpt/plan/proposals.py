@@ -1,9 +1,9 @@
 """Which plan do the scores suggest? Plans proposed from block scores, an analysis, or a list
 of blocks to repeat.
 
-``flexigpt.plan`` defines the format and validates it; this module only chooses blocks:
+``flexigpt.plan.core`` defines the format and validates it; this module only chooses blocks:
 the ``round(ratio * L)`` lowest-scored blocks are pruned (FlexiGPT, ShortGPT), removed and the
-rest grouped (FoldGPT), or copied (extension). Import them from either module.
+rest grouped (FoldGPT), or copied (extension). Import them from ``flexigpt.plan``.
 
 Paper: FlexiGPT (Smith et al., NAACL 2025), https://arxiv.org/abs/2501.14713
 FoldGPT (Liu et al., 2024), https://arxiv.org/abs/2407.00928
@@ -13,13 +13,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from flexigpt.plan import (MAX_BLOCKS, MAX_RATIO, METHODS, AdapterSpec, ExtendSpec, NoteValue, Plan, _float, _int)
+from flexigpt.methods import get_method
+from flexigpt.plan.core import Plan
+from flexigpt.plan.donors import _check_matrix, choose_donors, donor_matrix, suggested_donor
+from flexigpt.plan.specs import AdapterSpec, ExtendSpec, NoteValue
+from flexigpt.validate import MAX_BLOCKS, MAX_RATIO
+from flexigpt.validate import check_float as _float
+from flexigpt.validate import check_int as _int
 
 __all__ = ["extend_plan", "foldgpt_plan", "plan_from_analysis", "plan_from_scores", "suggested_donor"]
-
-
-def _nearest_kept(block: int, kept: Sequence[int]) -> int:
-    return min(kept, key=lambda k: (abs(k - block), k))
 
 
 def plan_from_scores(
@@ -58,8 +60,7 @@ def plan_from_scores(
     for i, v in enumerate(scores):
         _float(v, f"block_influence[{i}]", -1e6, 1e6)
     _float(ratio, "ratio", 0.0, MAX_RATIO)
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    target = get_method(method)
     protected = {_int(b, "protected block", 0, L - 1) for b in protect}
     n = int(round(ratio * L))
     candidates = sorted((b for b in range(L) if b not in protected), key=lambda b: (scores[b], b))
@@ -71,20 +72,12 @@ def plan_from_scores(
     if method == "extend":
         return extend_plan(base_model, L, chosen, extend_mode, adapter=adapter, notes=meta)
     kept = [b for b in range(L) if b not in chosen]
-    if method in ("drop", "foldgpt"):
-        plan = Plan(base_model, L, tuple(kept), "drop", adapter, notes=tuple(sorted(meta.items())))
-        return plan if method == "drop" else plan.with_method("foldgpt", group_size=group_size)
     donors: dict[int, int] = {}
-    if share_error is not None and chosen:
-        from flexigpt.sharing import choose_donors  # lazy: sharing imports torch
-
-        if len(share_error) != L or any(len(row) != L for row in share_error):
-            raise ValueError(f"share_error must be an {L} x {L} matrix, got {len(share_error)} rows")
-        matrix = [[float("nan") if v is None else float(v) for v in row] for row in share_error]
-        donors = choose_donors(matrix, chosen)
-        # choose_donors falls back to the nearest block for rows without values: same rule as here.
-    lm = tuple(donors.get(b, _nearest_kept(b, kept)) if b in chosen else b for b in range(L))
-    return Plan(base_model, L, lm, "flexigpt", adapter, notes=tuple(sorted(meta.items())))
+    if share_error is not None and chosen and target.chooses_donors:
+        _check_matrix(share_error, L)
+        donors = choose_donors(share_error, chosen)
+    start = Plan(base_model, L, tuple(range(L)), "drop", adapter, notes=tuple(sorted(meta.items())))
+    return target.from_pruned(start, set(chosen), donors=donors, group_size=group_size)
 
 
 def plan_from_analysis(analysis: Mapping[str, Any], ratio: float, *, method: str = "flexigpt",
@@ -106,7 +99,7 @@ def plan_from_analysis(analysis: Mapping[str, Any], ratio: float, *, method: str
     bi = analysis["block_influence"]
     if not isinstance(bi, list) or len(bi) != L:
         raise ValueError(f"analysis block_influence must list {L} values, got {bi!r:.200}")
-    metric, rank, matrix = _donor_matrix(analysis, metric, rank)
+    metric, rank, matrix = donor_matrix(analysis, metric, rank)
     notes = {"analysis_model": analysis["model"], "analysis_fingerprint": analysis.get("fingerprint"),
              "analysis_data": analysis.get("data"), "analysis_samples": analysis.get("samples"),
              "analysis_seq_len": analysis.get("seq_len"),
@@ -114,40 +107,6 @@ def plan_from_analysis(analysis: Mapping[str, Any], ratio: float, *, method: str
              "donor_rank": rank if matrix is not None else None}
     return plan_from_scores(str(analysis["model"]), bi, ratio, share_error=matrix, method=method, adapter=adapter,
                             protect=protect, extend_mode=extend_mode, group_size=group_size, notes=notes)
-
-
-def _donor_matrix(analysis: Mapping[str, Any], metric: str | None = None, rank: int | None = None):
-    """``(metric, rank, matrix)``: the share-error matrix the analysis' ``donor_suggestion`` names
-    (``metric``/``rank`` override it); ``matrix`` is ``None`` when the analysis has no share error."""
-    suggestion = analysis.get("donor_suggestion") or {}
-    se = analysis.get("share_error") or {}
-    metric = metric or suggestion.get("metric") or "relative"
-    if metric not in ("relative", "absolute", "paper"):
-        raise ValueError(f"share-error metric must be 'relative', 'absolute' or 'paper', got {metric!r}")
-    rank = rank if rank is not None else suggestion.get("rank")
-    matrix = None
-    if se and rank is not None:
-        matrix = (se.get(metric) or {}).get(str(rank))
-    return metric, rank, matrix
-
-
-def suggested_donor(analysis: Mapping[str, Any] | None, plan: Plan, block: int) -> int | None:
-    """The donor an analysis suggests when ``block`` is pruned from a flexigpt ``plan`` by hand.
-
-    The kept block (after the edit) with the lowest share error in the matrix of the analysis'
-    ``donor_suggestion``, as ``plan_from_analysis`` picks donors; ``None`` when the analysis has no
-    share error, describes another depth, or has no value in that block's row (the plan's own
-    default, the nearest kept block, then applies).
-    """
-    if not isinstance(analysis, Mapping) or analysis.get("num_blocks") != plan.num_blocks:
-        return None
-    matrix = _donor_matrix(analysis)[2]
-    if not matrix or not 0 <= block < len(matrix) or all(v is None for v in matrix[block]):
-        return None
-    from flexigpt.sharing import choose_donors  # lazy: sharing imports torch
-
-    clean = [[float("nan") if v is None else float(v) for v in row] for row in matrix]
-    return choose_donors(clean, plan.drop(block).dropped_blocks)[block]
 
 
 def extend_plan(base_model: str, num_blocks: int, blocks: Iterable[int], mode: str = "block", *,

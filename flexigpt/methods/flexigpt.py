@@ -1,0 +1,115 @@
+"""Method ``flexigpt`` (FlexiGPT): every pruned block's slot runs a kept donor block's weights
+plus its own LoRA, output normalisation and pre-norms.
+
+One slot per base block (``len(layer_map) == num_blocks``): slot ``s`` with ``layer_map[s] == s``
+keeps its block; slot ``s`` with ``layer_map[s] = d != s`` replaces the pruned block ``s`` by a
+structural copy of donor ``d`` (the donor's tensors, its own modules) whose LoRA starts from the
+low-rank fit of ``W_s - W_d`` and whose output norms start tiny, so the slot starts near the
+identity. Donors must be kept blocks.
+
+Paper: FlexiGPT (Smith et al., NAACL 2025), https://arxiv.org/abs/2501.14713
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from flexigpt.methods.base import BuildContext, Method, nearest_kept
+
+__all__ = ["FlexiGPT", "adapter_estimate", "build_adapter_slot"]
+
+
+def build_adapter_slot(ctx: BuildContext, plan, *, donor: int, norm_source: int, pruned: int | None):
+    """A slot that runs ``donor``'s tensors with its own pre-norms (copied from ``norm_source``),
+    LoRA (initialised against base block ``pruned``, or standard init when ``None``) and output norms."""
+    # torch-heavy modules: imported when a model is built, so `import flexigpt.plan` stays light
+    from flexigpt.adapters import attach_slot_adapters
+    from flexigpt.slots import own_prenorms, structural_copy
+
+    module = structural_copy(ctx.copies[donor])  # own module objects, donor's tensors
+    own_prenorms(module, ctx.base_blocks[norm_source], ctx.spec.norms)
+    target = ctx.base_blocks[pruned] if (pruned is not None and ctx.init_adapters) else None
+    ctx.ranks = attach_slot_adapters(module, ctx.spec, plan.adapter, hidden_size=ctx.hidden, pruned=target,
+                                     config=ctx.base.config)
+    return module
+
+
+def adapter_estimate(plan, shapes, adapter, replaced) -> tuple[int, int, int]:
+    """``(stored, run, trainable)`` for a plan whose ``replaced`` slots carry LoRA, output norms and
+    own pre-norms, and whose other slots run the stored blocks."""
+    R = len(replaced)
+    lora = shapes.lora(adapter.rank, adapter.targets)
+    out_norm = 2 * (2 * shapes.hidden if adapter.out_norm == "layernorm" else shapes.hidden)  # attention + MLP
+    per_slot = lora + out_norm + shapes.prenorms
+    trainable_slot = lora + out_norm + (shapes.prenorms if adapter.train_prenorms else 0)
+    stored_blocks = len(set(plan.layer_map))
+    stored = shapes.nonblock + stored_blocks * shapes.block + R * per_slot
+    run = shapes.nonblock + plan.num_slots * shapes.block + R * (lora + out_norm)
+    return stored, run, R * trainable_slot
+
+
+class FlexiGPT(Method):
+    name = "flexigpt"
+    label = "FlexiGPT (share a donor + adapter)"
+    description = "each pruned block's slot runs a kept donor's weights plus its own low-rank adapter and output norm"
+    chooses_donors = True
+    has_adapters = True
+
+    def validate(self, plan) -> None:
+        lm, L = plan.layer_map, plan.num_blocks
+        if len(lm) != L:
+            raise ValueError(f"a flexigpt layer_map has one slot per block ({L}), got {len(lm)} slots: {list(lm)}")
+        bad = {s: d for s, d in enumerate(lm) if d != s and lm[d] != d}
+        if bad:
+            s, d = next(iter(bad.items()))
+            raise ValueError(f"slot {s} uses donor block {d}, but block {d} is itself pruned; donors must be kept blocks")
+
+    def slot_sources(self, plan) -> tuple[int, ...]:
+        return tuple(range(plan.num_blocks))
+
+    def replaced_slots(self, plan) -> tuple[int, ...]:
+        return tuple(s for s, d in enumerate(plan.layer_map) if d != s)
+
+    def unstored_blocks(self, plan) -> tuple[int, ...]:
+        return self.replaced_slots(plan)
+
+    def pruned_blocks(self, plan) -> tuple[int, ...]:
+        return self.replaced_slots(plan)
+
+    def from_pruned(self, plan, pruned, *, donors=None, group_size=None):
+        donors = dict(donors or {})
+        kept = [b for b in range(plan.num_blocks) if b not in pruned]
+        if not kept:
+            raise ValueError(f"cannot prune all {plan.num_blocks} blocks: at least one must stay as a donor")
+        lm = tuple(b if b not in pruned else donors.get(b, nearest_kept(b, kept)) for b in range(plan.num_blocks))
+        return dataclasses.replace(plan, method=self.name, layer_map=lm, sources=None, extend=None)
+
+    def drop(self, plan, block, donor):
+        users = [s for s, d in enumerate(plan.layer_map) if d == block and s != block]
+        if users:
+            raise ValueError(f"block {block} is the donor of slots {users}; give them another donor before pruning it")
+        kept = [k for k in range(plan.num_blocks) if plan.layer_map[k] == k and k != block]
+        if not kept:
+            raise ValueError(f"cannot prune block {block}: it is the last kept block")
+        lm = list(plan.layer_map)
+        lm[block] = nearest_kept(block, kept) if donor is None else donor
+        return dataclasses.replace(plan, layer_map=tuple(lm))
+
+    def keep(self, plan, block):
+        lm = list(plan.layer_map)
+        lm[block] = block
+        return dataclasses.replace(plan, layer_map=tuple(lm))
+
+    def build_slot(self, ctx: BuildContext, plan, slot: int):
+        donor = plan.layer_map[slot]
+        if donor == slot:
+            return ctx.copies[slot]
+        return build_adapter_slot(ctx, plan, donor=donor, norm_source=slot, pruned=slot)
+
+    def estimate(self, plan, shapes, adapter) -> tuple[int, int, int]:
+        return adapter_estimate(plan, shapes, adapter, self.replaced_slots(plan))
+
+    def merge_problem(self, plan) -> str | None:
+        if self.replaced_slots(plan) and plan.adapter.out_norm == "layernorm":
+            return ("out_norm 'layernorm' cannot be merged into plain weights (LayerNorm is nonlinear); use the "
+                    "compact export, or build with out_norm 'scale'")
+        return None

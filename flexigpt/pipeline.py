@@ -1,0 +1,199 @@
+"""Run the whole story: build a plan's model, fit its slots, recover, evaluate, export.
+
+The CLI's ``build`` (also under ``accelerate launch``), the app's build tab and the accelerate
+entry all call these functions; each caller keeps only its own I/O (argument parsing, progress
+display, JSON printing).
+
+* ``recipe(plan, base, recovering)``: the plan as it will be built: a drop plan that is
+  recovered gets kept-block LoRA at the rank whose trainable count matches the same blocks
+  built as FlexiGPT (the ShortGPT + LoRA baseline), unless the plan names a rank itself;
+* ``build(base, plan, calibration=...)``: ``apply_plan`` and, where the plan asks for it, the
+  calibration-based slot initialisation;
+* ``recover_model(...)``: the recovery loop, with the original model as teacher when needed;
+* ``run(...)``: all of it plus held-out perplexity and the exports, returning the result dict
+  the ``build`` command prints.
+
+Paper: FlexiGPT (Smith et al., NAACL 2025), https://arxiv.org/abs/2501.14713
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from flexigpt import evaluate
+from flexigpt.data import Windows, token_windows
+from flexigpt.export import save_compact, save_merged
+from flexigpt.params import matched_lora_rank, measure_params
+from flexigpt.plan import Plan
+from flexigpt.recover import RecoverSpec, StepLog, recover
+from flexigpt.surgery import apply_plan
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RunOptions", "build", "recipe", "recover_model", "run"]
+
+
+def recipe(plan: Plan, base: nn.Module, *, recovering: bool, kept_lora_rank: int | None = None) -> Plan:
+    """The plan as it will be built.
+
+    Args:
+        plan: the plan as written.
+        base: the base model (for the matched rank).
+        recovering: whether recovery will run (only then does a drop plan need kept LoRA).
+        kept_lora_rank: an explicit kept-block LoRA rank (overrides the plan's).
+    """
+    if kept_lora_rank is not None:
+        return plan.with_kept_lora(kept_lora_rank)
+    if recovering and plan.method == "drop" and plan.kept_lora_rank is None:
+        return plan.with_kept_lora(matched_lora_rank(plan, base))
+    return plan
+
+
+def build(base: nn.Module, plan: Plan, *, calibration: Windows | None = None,
+          progress: Callable[[float, str], None] | None = None) -> nn.Module:
+    """Build ``plan`` from ``base`` (which stays unchanged) and initialise its slots.
+
+    Args:
+        base: the base model.
+        plan: the plan (with its kept-block LoRA rank, see ``recipe``).
+        calibration: train-split windows of the original model's text, needed by
+            ``adapter.init == "whitened"``.
+        progress: ``progress(fraction, message)`` callback.
+
+    Raises:
+        ValueError: a whitened init without calibration windows, and every ``apply_plan`` error.
+    """
+    if progress:
+        progress(0.0, f"building the {plan.method} model")
+    model = apply_plan(base, plan)
+    if plan.replaced_slots and plan.adapter.init == "whitened" and plan.method_spec.has_adapters:
+        if calibration is None:
+            raise ValueError("adapter.init 'whitened' fits each slot to its block's outputs on calibration text; "
+                             "pass calibration windows (or use init 'svd')")
+        if progress:
+            progress(0.3, "fitting the slots to the pruned blocks' calibration outputs")
+        _whitened_init(model, base, calibration)
+    return model.eval()
+
+
+def _whitened_init(model: nn.Module, base: nn.Module, calibration: Windows) -> None:
+    # the activation statistics need torch-heavy hooks: loaded only for whitened builds
+    from flexigpt.whiten import whitened_slot_init
+
+    whitened_slot_init(model, base, calibration)
+
+
+def recover_model(model: nn.Module, base: nn.Module, windows: Any, spec: RecoverSpec, **kwargs: Any) -> Iterator[StepLog]:
+    """``flexigpt.recover.recover`` with the original model as teacher where the objective needs it."""
+    teacher = base if spec.objective != "lm" else None
+    yield from recover(model, windows, spec, teacher=teacher, **kwargs)
+    model.eval()
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What ``run`` reads, writes and measures besides the plan and the recovery settings.
+
+    Attributes:
+        out: the compact export folder.
+        data: text for the held-out perplexity (and recovery, unless ``train_data``).
+        train_data: recovery text, train split.
+        train_windows: use at most this many training windows.
+        eval_windows: held-out windows for perplexity.
+        seq_len: tokens per window.
+        merged: also write a plain Hugging Face checkpoint to ``OUT-merged``.
+        overwrite: replace existing export folders.
+        resume: continue recovery from ``OUT-checkpoint``.
+        kept_lora_rank: override the plan's kept-block LoRA rank.
+        calibration_windows: train windows for the slot initialisation.
+    """
+
+    out: str
+    data: str = "default"
+    train_data: str | None = None
+    train_windows: int | None = None
+    eval_windows: int = 16
+    seq_len: int = 256
+    merged: bool = False
+    overwrite: bool = False
+    resume: bool = False
+    kept_lora_rank: int | None = None
+    calibration_windows: int = 32
+
+
+def run(plan: Plan, options: RunOptions, spec: RecoverSpec | None = None, *, base: nn.Module | None = None,
+        tokenizer: Any = None, accelerator: Any = None, on_step: Callable[[StepLog], None] | None = None) -> dict | None:
+    """Build, optionally recover, measure and export; the ``build`` command's result dict
+    (``None`` on processes other than the main one under data parallelism)."""
+    from flexigpt.models import load_model  # loads torch weights: only when no base is given
+
+    start = time.perf_counter()
+    problem = plan.method_spec.merge_problem(plan) if options.merged else None
+    if problem:
+        raise ValueError(f"--merged cannot be exact for this plan: {problem}; drop --merged and use the compact export")
+    if options.resume and spec is None:
+        raise ValueError("--resume needs --steps > 0")
+    main = accelerator is None or accelerator.is_main_process
+    if base is None:
+        loaded = load_model(plan.base_model)
+        base, tokenizer = loaded.model, loaded.tokenizer
+    context = getattr(base.config, "max_position_embeddings", None)
+    built = recipe(plan, base, recovering=spec is not None, kept_lora_rank=options.kept_lora_rank)
+    train_ref = options.train_data or options.data
+    calibration = None
+    if built.adapter.init == "whitened" and built.replaced_slots:
+        calibration = token_windows(tokenizer, train_ref, seq_len=options.seq_len, split="train",
+                                    max_windows=options.calibration_windows, max_len=context)
+    model = build(base, built, calibration=calibration)
+    heldout = token_windows(tokenizer, options.data, seq_len=options.seq_len, split="heldout",
+                            max_windows=options.eval_windows, max_len=context)
+    result: dict = {"plan": None, "method": plan.method, "slots": plan.num_slots}
+    if main:
+        result["ppl_before"] = round(evaluate.perplexity(model, heldout).ppl, 4)
+    if spec is not None:
+        train = token_windows(tokenizer, train_ref, seq_len=spec.seq_len, split="train",
+                              max_windows=options.train_windows, max_len=context)
+        ckpt = Path(str(Path(options.out)) + "-checkpoint") if spec.checkpoint_every or options.resume else None
+        last = None
+        for record in recover_model(model, base, train, spec, checkpoint_dir=ckpt, resume=options.resume,
+                                    accelerator=accelerator):
+            last = record
+            if on_step is not None:
+                on_step(record)
+        result["recovery"] = {
+            **spec.to_dict(), "train_data": train_ref, "train_windows": train.num_windows,
+            "final_loss": last.loss if last else None, "tokens_seen": last.tokens_seen if last else 0,
+            "seconds": round(last.elapsed_s, 2) if last else 0.0, "checkpoint": str(ckpt) if ckpt else None,
+            "processes": accelerator.num_processes if accelerator else 1,
+        }
+        if built.kept_lora_rank is not None:
+            result["recovery"]["kept_lora_rank"] = built.kept_lora_rank
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if not main:
+        return None
+    counts, original = measure_params(model), measure_params(base)
+    after = evaluate.perplexity(model, heldout) if spec is not None else None
+    ppl = after.ppl if after is not None else result["ppl_before"]
+    result.update({
+        "stored_parameters": counts.stored, "run_parameters": counts.run, "trainable_parameters": counts.trainable,
+        "original_parameters": original.stored,
+        "ppl": round(ppl, 4), "ppl_after": round(after.ppl, 4) if after else None,
+        "protocol": heldout.protocol(),
+    })
+    manifest = save_compact(model, built, tokenizer, options.out, overwrite=options.overwrite or options.resume)
+    result["export"] = manifest["path"]
+    result["export_weights_bytes"] = manifest["weights_bytes"]
+    if options.merged:
+        merged = save_merged(model, built, tokenizer, str(Path(options.out)) + "-merged",
+                             overwrite=options.overwrite or options.resume)
+        result["merged_export"] = merged["path"]
+        result["merged_weights_bytes"] = merged["weights_bytes"]
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result

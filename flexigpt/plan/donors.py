@@ -1,0 +1,98 @@
+"""Which kept block should a pruned block's slot run? The donor rules, in one place.
+
+* ``nearest_kept``: the kept block nearest in depth (ties: the lower id), when nothing better is known;
+* ``choose_donors``: the row minima of a share-error matrix over the kept blocks (ties: nearest,
+  then lower id; rows without a finite value fall back to ``nearest_kept``);
+* ``suggested_donor``: what an ``analysis.json`` suggests for one block pruned by hand.
+
+Pure Python (no torch), so the plan editor can apply them on every edit.
+
+Paper: FlexiGPT (Smith et al., NAACL 2025), https://arxiv.org/abs/2501.14713
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from flexigpt.methods.base import nearest_kept
+
+__all__ = ["DONOR_METRICS", "choose_donors", "donor_matrix", "nearest_kept", "suggested_donor"]
+
+DONOR_METRICS = ("relative", "absolute", "paper", "function")
+
+
+def _value(v: Any) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return f
+
+
+def choose_donors(error: Any, pruned: Iterable[int]) -> dict[int, int]:
+    """For each pruned block, the kept block with the smallest share error.
+
+    Args:
+        error: ``(L, L)`` matrix (nested sequences or a tensor); ``error[i][j]`` is the cost of
+            rebuilding block ``i`` from donor ``j``. Non-finite or missing entries are never chosen.
+        pruned: block ids to replace (0-based).
+
+    Returns:
+        ``{pruned_block: donor_block}``; donors are always kept blocks.
+
+    Raises:
+        ValueError: a non-square matrix, a pruned id out of range, or every block pruned.
+    """
+    rows = error.tolist() if hasattr(error, "tolist") else [list(r) for r in error]
+    n = len(rows)
+    if any(len(r) != n for r in rows):
+        raise ValueError(f"share-error matrix must be square (L, L), got {n} rows of lengths {sorted({len(r) for r in rows})}")
+    pruned_set = sorted(set(int(i) for i in pruned))
+    bad = [i for i in pruned_set if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"pruned blocks {bad} are out of range 0..{n - 1}")
+    kept = [j for j in range(n) if j not in pruned_set]
+    if not kept:
+        raise ValueError(f"all {n} blocks are pruned; at least one block must be kept as a donor")
+    donors: dict[int, int] = {}
+    for i in pruned_set:
+        scored = [(round(v, 12), abs(i - j), j) for j in kept if math.isfinite(v := _value(rows[i][j]))]
+        donors[i] = min(scored)[2] if scored else nearest_kept(i, kept)
+    return donors
+
+
+def donor_matrix(analysis: Mapping[str, Any], metric: str | None = None, rank: int | None = None):
+    """``(metric, rank, matrix)``: the share-error matrix the analysis' ``donor_suggestion`` names
+    (``metric``/``rank`` override it); ``matrix`` is ``None`` when the analysis has no share error."""
+    suggestion = analysis.get("donor_suggestion") or {}
+    se = analysis.get("share_error") or {}
+    metric = metric or suggestion.get("metric") or "relative"
+    if metric not in DONOR_METRICS:
+        raise ValueError(f"share-error metric must be one of {', '.join(map(repr, DONOR_METRICS))}, got {metric!r}")
+    rank = rank if rank is not None else suggestion.get("rank")
+    matrix = None
+    if se and rank is not None:
+        matrix = (se.get(metric) or {}).get(str(rank))
+    return metric, rank, matrix
+
+
+def suggested_donor(analysis: Mapping[str, Any] | None, plan, block: int) -> int | None:
+    """The donor an analysis suggests when ``block`` is pruned from a flexigpt ``plan`` by hand.
+
+    The kept block (after the edit) with the lowest share error in the matrix of the analysis'
+    ``donor_suggestion``, as ``plan_from_analysis`` picks donors; ``None`` when the analysis has no
+    share error, describes another depth, or has no value in that block's row (the plan's own
+    default, the nearest kept block, then applies).
+    """
+    if not isinstance(analysis, Mapping) or analysis.get("num_blocks") != plan.num_blocks:
+        return None
+    matrix = donor_matrix(analysis)[2]
+    if not matrix or not 0 <= block < len(matrix) or all(v is None for v in matrix[block]):
+        return None
+    return choose_donors(matrix, plan.drop(block).pruned_blocks)[block]
+
+
+def _check_matrix(matrix: Sequence[Sequence[Any]], L: int) -> None:
+    if len(matrix) != L or any(len(row) != L for row in matrix):
+        raise ValueError(f"share_error must be an {L} x {L} matrix, got {len(matrix)} rows")

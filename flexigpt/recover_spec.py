@@ -1,0 +1,160 @@
+"""How to heal: the recovery settings, validated, and the CLI flags made from them.
+
+``RecoverSpec`` is the one description of a recovery run. Its fields carry their help text, so
+``add_arguments`` makes the ``build`` command's and the accelerate entry's flags from the same
+source (``--batch-size`` for ``batch_size`` ...) and ``from_args`` reads them back.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["OBJECTIVES", "RecoverSpec", "add_arguments", "from_args"]
+
+OBJECTIVES = ("lm", "distill", "mix")
+
+
+def _bad(name: str, value: Any, valid: str) -> ValueError:
+    return ValueError(f"recover.{name} must be {valid}, got {value!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _f(default: Any, help: str, **kw: Any):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class RecoverSpec:
+    """How to heal: budget, optimiser and objective. Validated at construction.
+
+    Attributes:
+        steps: optimizer steps.
+        lr: peak learning rate of AdamW for matrices (the LoRA factors).
+        gate_lr_scale: the learning rate of vector parameters (output-norm gammas and scales,
+            norms, biases) is ``lr * gate_lr_scale``, with no weight decay: a slot's output
+            gate starts tiny and must open within a short run.
+        batch_size: windows per micro-batch (per process under data parallelism).
+        grad_accum: micro-batches accumulated into one optimizer step.
+        seq_len: tokens per window; longer windows are cut to it, shorter ones are an error.
+        warmup: linear warm-up, a fraction of ``steps`` when < 1, else a whole number of steps.
+        objective: ``lm`` (next-token cross-entropy), ``distill`` (``kd_weight`` * KL +
+            ``hidden_weight`` * hidden MSE against a teacher) or ``mix`` (cross-entropy plus both).
+        kd_temperature: softmax temperature of the logit KL (scaled by T^2, Hinton et al.).
+        kd_weight: weight of the logit KL term.
+        hidden_weight: weight of the tail term: MSE between the last block's outputs (before
+            the final norm), divided by the teacher's mean square so the weight is scale-free.
+        clip: max global gradient norm, or ``None`` for no clipping.
+        weight_decay: AdamW decay, applied to matrices only (never to norms or biases).
+        betas: AdamW betas.
+        seed: data order (one permutation of the windows per epoch).
+        checkpoint_every: write a checkpoint every this many steps (0: only at the end and on cancel).
+    """
+
+    steps: int = _f(200, "recovery steps")
+    lr: float = _f(5e-4, "peak learning rate of the adapter matrices")
+    gate_lr_scale: float = _f(30.0, "learning-rate multiplier (and no weight decay) for output-norm scales, "
+                                    "norms and biases")
+    batch_size: int = _f(4, "windows per micro-batch (per process)")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    seq_len: int = _f(256, "tokens per window")
+    warmup: float = _f(0.03, "warm-up: a fraction of the steps (<1) or a step count")
+    objective: Literal["lm", "distill", "mix"] = _f(
+        "lm", "recovery loss: language modelling, distillation from the original model, or both", choices=OBJECTIVES)
+    kd_temperature: float = _f(1.0, "distillation temperature")
+    kd_weight: float = _f(1.0, "weight of the logit distillation term")
+    hidden_weight: float = _f(0.0, "weight of the last-block hidden-state matching term (tail distillation)")
+    clip: float | None = _f(1.0, "max global gradient norm (0 = no clipping)")
+    weight_decay: float = _f(0.0, "AdamW weight decay of the adapter matrices")
+    betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas", cli=False)
+    seed: int = _f(0, "seed of the data order and adapters")
+    checkpoint_every: int = _f(0, "write a checkpoint every K steps (0 = only at the end)")
+
+    def __post_init__(self) -> None:
+        for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seq_len", 2), ("seed", 0), ("checkpoint_every", 0)):
+            v = getattr(self, name)
+            if not _is_int(v) or v < low:
+                raise _bad(name, v, f"an integer >= {low}")
+        if not _is_num(self.lr) or not 0 < self.lr <= 1:
+            raise _bad("lr", self.lr, "a number in (0, 1]")
+        if not _is_num(self.gate_lr_scale) or not 0 < self.gate_lr_scale <= 1000:
+            raise _bad("gate_lr_scale", self.gate_lr_scale, "a number in (0, 1000]")
+        w = self.warmup
+        if not _is_num(w) or w < 0 or (w >= 1 and (w != int(w) or w > self.steps)):
+            raise _bad("warmup", w, f"a fraction in [0, 1) or a whole number of steps in [1, {self.steps}]")
+        if self.objective not in OBJECTIVES:
+            raise _bad("objective", self.objective, "one of 'lm', 'distill', 'mix'")
+        if not _is_num(self.kd_temperature) or self.kd_temperature <= 0:
+            raise _bad("kd_temperature", self.kd_temperature, "a number > 0")
+        for name in ("kd_weight", "hidden_weight", "weight_decay"):
+            v = getattr(self, name)
+            if not _is_num(v) or v < 0:
+                raise _bad(name, v, "a number >= 0")
+        if self.objective == "distill" and self.kd_weight == 0 and self.hidden_weight == 0:
+            raise _bad("kd_weight", self.kd_weight, "> 0 (or hidden_weight > 0) for objective 'distill'")
+        if self.clip is not None and (not _is_num(self.clip) or self.clip <= 0):
+            raise _bad("clip", self.clip, "a number > 0 or None")
+        b = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else ()
+        if len(b) != 2 or not all(_is_num(x) and 0 <= x < 1 for x in b):
+            raise _bad("betas", self.betas, "two numbers in [0, 1)")
+        object.__setattr__(self, "betas", (float(b[0]), float(b[1])))
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.warmup) if self.warmup >= 1 else int(round(self.warmup * self.steps))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecoverSpec:
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown recover fields {unknown}; valid: {[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**{k: tuple(v) if k == "betas" else v for k, v in data.items()})
+
+
+_TYPES = {"steps": int, "batch_size": int, "grad_accum": int, "seq_len": int, "seed": int, "checkpoint_every": int,
+          "objective": str}
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, defaults: dict[str, Any] | None = None,
+                  skip: tuple[str, ...] = (), help_overrides: dict[str, str] | None = None) -> None:
+    """Add one ``--flag`` per ``RecoverSpec`` field (``batch_size`` -> ``--batch-size``).
+
+    Args:
+        parser: the parser to extend.
+        defaults: per-field defaults that differ from the spec's (e.g. ``steps=0`` for ``build``).
+        skip: fields the caller defines itself (or leaves out).
+        help_overrides: per-field help text that differs from the spec's.
+    """
+    defaults, help_overrides = defaults or {}, help_overrides or {}
+    for f in dataclasses.fields(RecoverSpec):
+        if f.name in skip or not f.metadata.get("cli", True):
+            continue
+        default = defaults.get(f.name, f.default)
+        kind = _TYPES.get(f.name, float)
+        kw: dict[str, Any] = {"type": kind, "default": default, "dest": f.name,
+                              "help": f"{help_overrides.get(f.name, f.metadata['help'])} (default {default})"}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def from_args(args: argparse.Namespace, **changes: Any) -> RecoverSpec:
+    """The ``RecoverSpec`` of the flags ``add_arguments`` added (fields not on ``args`` keep
+    their defaults); ``changes`` override. ``--clip 0`` means no clipping."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RecoverSpec) if hasattr(args, f.name)}
+    values.update(changes)
+    if values.get("clip") == 0:
+        values["clip"] = None
+    return RecoverSpec(**values)
