@@ -199,19 +199,20 @@ def stream_reply(
     generator = torch.Generator(device=device).manual_seed(seed) if sampling and seed is not None else None
     eos = _eos_ids(model, tokenizer)
     sequence = torch.tensor([prompt.ids], dtype=torch.long, device=device)  # (1, T)
-    step_input, past, generated, text = sequence, None, [], ""
+    steps = min(max_new_tokens, context - len(prompt.ids))
+    step = _stepper(model, len(prompt.ids) + steps)
+    step_input, generated, text = sequence, [], ""
     was_training = model.training
     model.eval()
     # Our own token loop rather than generate() + TextIteratorStreamer in a thread: cancellation
     # between tokens, exceptions reach the caller, and sampling uses a private seeded generator.
     try:
         with torch.inference_mode():
-            for _ in range(min(max_new_tokens, context - len(prompt.ids))):
+            for _ in range(steps):
                 if stop_event is not None and stop_event.is_set():
                     break
-                out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                scores = processors(sequence, out.logits[:, -1, :].float())  # (1, V)
+                logits = step(step_input)  # (1, V): the last position only
+                scores = processors(sequence, logits.float()) if len(processors) else logits.float()
                 if sampling:
                     token = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator)  # (1, 1)
                 else:
@@ -234,6 +235,40 @@ def stream_reply(
                     yield text
     finally:
         model.train(was_training)
+
+
+def _stepper(model: nn.Module, capacity: int):
+    """A function ``ids (1, n) -> logits (1, V)`` of the last position, keeping its own KV cache.
+
+    LLaMA-family models run through ``flexigpt.runner.BlockRunner`` (the model's own modules,
+    the same logits as its forward pass, with a preallocated cache and less per-token overhead);
+    other models through their forward pass with a transformers cache. Only the last position
+    goes through the LM head, as in ``generate``.
+    """
+    from flexigpt.runner import BlockRunner, runner_support
+
+    if runner_support(model) is None:
+        runner = BlockRunner(model)
+        cache = runner.new_cache(max(capacity, 1))
+        position = [0]
+
+        def step(ids: torch.Tensor) -> torch.Tensor:
+            hidden = runner.run(runner.embed(ids), 0, runner.num_layers, cache, position[0])
+            position[0] += ids.shape[1]
+            return runner.logits(hidden[:, -1:])
+
+        return step
+    import inspect
+
+    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    past = [None]
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        out = model(input_ids=ids, past_key_values=past[0], use_cache=True, **({"logits_to_keep": 1} if keep else {}))
+        past[0] = out.past_key_values
+        return out.logits[:, -1, :]
+
+    return step
 
 
 def reply(model: nn.Module, tokenizer: Any, messages: Any, **options: Any) -> str:

@@ -1,16 +1,19 @@
-"""Can the pruned sub-network draft for the full model? Self-speculative decoding.
+"""Can the model draft for itself? Self-speculative decoding: the public entry points.
 
-A FlexiGPT model runs every slot, so it is not faster than the original. Its replacement slots
-can be skipped, though: what is left is exactly the plain-drop (ShortGPT) sub-network, with no
-extra weights. That sub-network drafts a few tokens cheaply; the full model verifies them all
-in one forward pass and keeps the longest prefix it agrees with, plus one token of its own.
-Under greedy decoding the output is token-for-token the full model's greedy output; under
-sampling the standard acceptance rule (accept with probability min(1, p/q), otherwise resample
-from the normalised residual max(0, p - q)) keeps the full model's distribution.
+``speculative_reply`` decodes a greedy chat reply self-speculatively; the text equals
+``flexigpt.chat.reply(..., temperature=0)``. For LLaMA-family models (the embedded model, its
+FlexiGPT builds, any original model) the draft is chosen by measured speed on this machine
+(``flexigpt.draft_search``: skipped attention/MLP sub-layers, draft weight precision, draft head
+rows, draft length and threshold) and decoded by ``flexigpt.self_speculative``, which shares
+the blocks before the first skipped one and the KV cache between draft and verify.
 
-We write the loop ourselves rather than use ``generate(assistant_model=...)`` because we report
-the acceptance rate, which transformers' assisted generation does not expose, and we want the
-draft length fixed so speed-ups are comparable across runs.
+The older two-model loop stays for everything else: ``draft_model`` (the model with whole blocks
+skipped, every tensor shared), ``draft_for`` (a FlexiGPT build without its replacement slots,
+the plain-drop sub-network) and ``speculative_generate``, which also samples: with
+``temperature > 0`` the standard acceptance rule (accept with probability min(1, p/q), otherwise
+resample from the normalised residual max(0, p - q)) keeps the full model's distribution. It
+reports the acceptance rate and keeps the draft length fixed, which transformers' assisted
+generation does not.
 
 Paper: FlexiGPT (Smith et al., NAACL 2025) reports about 30 % faster decoding this way,
 https://arxiv.org/abs/2501.14713
@@ -21,36 +24,17 @@ import copy
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from flexigpt.arch import get_blocks, set_blocks
+from flexigpt.runner import BlockRunner, runner_support
+from flexigpt.self_speculative import SpeculativeResult
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SpeculativeResult", "draft_for", "draft_model", "greedy_generate", "speculative_generate", "speculative_reply"]
-
-
-@dataclass(frozen=True)
-class SpeculativeResult:
-    """Generated ids (prompt included) and how the draft fared."""
-
-    sequences: torch.Tensor  # (1, prompt + new)
-    new_tokens: int
-    drafted: int  # draft tokens proposed
-    accepted: int  # draft tokens the full model agreed with
-    target_calls: int  # full-model forward passes after the prefill
-    seconds: float
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 def draft_model(model: nn.Module, skip_slots: Iterable[int]) -> nn.Module:
@@ -102,11 +86,18 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator |
 @torch.no_grad()
 def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
                     eos_token_id: int | Iterable[int] | None = None) -> SpeculativeResult:
-    """Plain greedy decoding with a KV cache, timed the same way as ``speculative_generate``."""
+    """Plain greedy decoding with a KV cache, timed the same way as ``speculative_generate``
+    (through ``flexigpt.runner.BlockRunner`` where it applies: the same logits, less overhead)."""
     from transformers import DynamicCache
 
     eos = _eos_set(eos_token_id)
     start = time.perf_counter()
+    if runner_support(model) is None:
+        from flexigpt.draft_search import greedy_tokens
+
+        new = greedy_tokens(BlockRunner(model), input_ids, max_new_tokens, eos)
+        seq = torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype)], dim=1)
+        return SpeculativeResult(seq, len(new), 0, 0, len(new) - 1, time.perf_counter() - start)
     cache = DynamicCache()
     seq = input_ids
     logits = _logits_last(model, input_ids, cache)
@@ -247,31 +238,52 @@ def draft_for(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def speculative_reply(model: nn.Module, tokenizer, messages, *, draft: nn.Module | None = None,
-                      max_new_tokens: int = 128, draft_len: int = 4) -> tuple[str, SpeculativeResult]:
+def speculative_reply(model: nn.Module, tokenizer, messages, *, draft=None, max_new_tokens: int = 128,
+                      draft_len: int | None = None) -> tuple[str, SpeculativeResult]:
     """A greedy chat reply decoded self-speculatively; the text equals ``chat.reply(..., temperature=0)``.
+
+    Args:
+        model: the causal LM.
+        tokenizer: its tokenizer.
+        messages: as for ``flexigpt.chat.stream_reply``.
+        draft: ``None`` (the draft chosen by measured speed, ``flexigpt.draft_search.self_draft``,
+            searched once per model and cached; a FlexiGPT build of another family drafts without
+            its replacement slots), a ``SelfDraft`` from ``self_draft``, or a draft model over the
+            same vocabulary (the two-model loop).
+        max_new_tokens: the most tokens generated.
+        draft_len: the most tokens drafted per round (default: the chosen draft's; 4 for a draft model).
 
     Returns:
         ``(reply_text, statistics)``.
     """
     from flexigpt.chat import ZERO_WIDTH_SPACE, _context_length, _eos_ids, build_prompt
+    from flexigpt.draft_search import SelfDraft, self_draft
 
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    draft = draft if draft is not None else draft_for(model)
+    if draft_len is not None and (isinstance(draft_len, bool) or not isinstance(draft_len, int) or not 1 <= draft_len <= 32):
+        raise ValueError(f"draft_len must be an integer in 1..32, got {draft_len!r}")
+    if draft is None:
+        draft = self_draft(model, tokenizer) if runner_support(model) is None else draft_for(model)
     context = _context_length(model)
     prompt = build_prompt(tokenizer, messages, max_tokens=max(context - max_new_tokens, context // 2))
     ids = torch.tensor([prompt.ids], dtype=torch.long, device=next(model.parameters()).device)
     budget = min(max_new_tokens, context - ids.shape[1])
     eos = _eos_ids(model, tokenizer)
-    was = model.training, draft.training
+    was = model.training
     model.eval()
-    draft.eval()
     try:
-        result = speculative_generate(model, draft, ids, budget, draft_len=draft_len, eos_token_id=eos)
+        if isinstance(draft, SelfDraft):
+            result = draft.generate(ids, budget, eos, max_draft=draft_len)
+        else:
+            draft_was = draft.training
+            draft.eval()
+            try:
+                result = speculative_generate(model, draft, ids, budget, draft_len=draft_len or 4, eos_token_id=eos)
+            finally:
+                draft.train(draft_was)
     finally:
-        model.train(was[0])
-        draft.train(was[1])
+        model.train(was)
     new = [int(t) for t in result.sequences[0, ids.shape[1]:]]
     if new and new[-1] in eos:
         new = new[:-1]

@@ -20,9 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--speculative", action="store_true",
-                   help="decode self-speculatively (a FlexiGPT model drafts with its replacement slots skipped); "
+                   help="decode self-speculatively: the model drafts for itself with the sub-layers, weight precision "
+                        "and head rows that measured fastest on this machine (searched once per model, then cached); "
                         "greedy, same reply as without the switch; statistics go to stderr and --json")
-    p.add_argument("--draft-len", type=int, default=4, help="tokens the draft proposes per round (--speculative)")
+    p.add_argument("--draft-len", type=int, default=None,
+                   help="most tokens the draft proposes per round (--speculative; default: the searched draft's)")
 
 
 def run(args: argparse.Namespace):
@@ -51,16 +53,31 @@ def run(args: argparse.Namespace):
 def _speculative(args: argparse.Namespace, loaded, messages):
     import sys
 
+    from flexigpt.runner import runner_support
     from flexigpt.speculative import draft_for, speculative_reply
 
     if args.repetition_penalty != 1.0:
         raise ValueError("--speculative does not support --repetition-penalty")
-    draft = draft_for(loaded.model)
-    text, stats = speculative_reply(loaded.model, loaded.tokenizer, messages, draft=draft,
-                                    max_new_tokens=args.max_new_tokens, draft_len=args.draft_len)
-    info = {"model": args.model, "reply": text, "greedy": True, "speculative": True, "draft_len": args.draft_len,
+    model, tokenizer = loaded.model, loaded.tokenizer
+    extra: dict = {}
+    if runner_support(model) is None:
+        from flexigpt.draft_search import self_draft
+
+        draft = self_draft(model, tokenizer)
+        config, choice = draft.choice.config, draft.choice
+        extra = {"precision": config.precision, "skip_attention": list(config.skip_attn), "skip_mlp": list(config.skip_mlp),
+                 "draft_vocab": config.draft_vocab, "draft_source": choice.source,
+                 "search_seconds": round(choice.search_seconds, 1), "draft_extra_bytes": choice.extra_bytes}
+        draft_len = args.draft_len or config.max_draft
+    else:  # other families: the FlexiGPT build without its replacement slots drafts
+        draft = draft_for(model)
+        draft_len = args.draft_len or 4
+    text, stats = speculative_reply(model, tokenizer, messages, draft=draft, max_new_tokens=args.max_new_tokens,
+                                    draft_len=draft_len)
+    info = {"model": args.model, "reply": text, "greedy": True, "speculative": True, "draft_len": draft_len,
             "acceptance_rate": round(stats.acceptance_rate, 4), "drafted": stats.drafted, "accepted": stats.accepted,
-            "target_calls": stats.target_calls, "new_tokens": stats.new_tokens, "seconds": round(stats.seconds, 3)}
+            "target_calls": stats.target_calls, "new_tokens": stats.new_tokens, "seconds": round(stats.seconds, 3),
+            "tokens_per_second": round(stats.tokens_per_second, 2), **extra}
     if not args.json:
         print(f"speculative: {stats.accepted}/{stats.drafted} draft tokens accepted "
               f"({100 * stats.acceptance_rate:.1f}%), {stats.target_calls} full-model passes for "
