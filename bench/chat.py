@@ -1,0 +1,209 @@
+"""Does the pruned model still chat? Chat fidelity and held-out perplexity per recovery recipe, one run.
+
+On the embedded model (or --model), FlexiGPT at --ratio (default 0.3) and adapter rank --rank
+(default 8) is planned from the analysis with the `plan` command's defaults and built with the
+`build` command's defaults; then every recipe recovers its own copy for --steps steps (same
+batch, sequence length and learning rate) and is measured side by side with the original and
+the unrecovered build:
+
+- chat fidelity on the built-in prompt set (or --prompts): score (share of replies with an
+  answer key), agreement (first 16 reply tokens equal to the original's), degeneration (share of
+  looping replies), and how many prompts the original answers and the build does not;
+- held-out perplexity on `default` (the last 10 % of the pydoc text).
+
+A recipe is OBJECTIVE:DATA: objective `lm` (next-token loss), `distill` (logit KL to the original)
+or `mix` (both); data `default` (pydoc text, train split), `chat` (self-distillation chat data:
+the original's cached greedy replies to template prompts that hold the fidelity set out) or
+`mixed` (--mix-fraction of the windows from `chat`, the rest from `default`). Each recipe row
+says whether it meets the targets: score >= 0.7 x the original's, no degenerate reply, held-out
+perplexity within 10 % of `lm:default` (when that recipe is in the run).
+
+    python bench/chat.py --recipes lm:default,distill:default,distill:chat,mix:chat,distill:mixed --steps 100 --json
+    python bench/chat.py --recipes lm:default,distill:chat --steps 3 --eval-windows 4   # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from flexigpt import evaluate  # noqa: E402
+from flexigpt.analysis import analyze  # noqa: E402
+from flexigpt.chat_data import chat_data, mix_windows  # noqa: E402
+from flexigpt.data import token_windows  # noqa: E402
+from flexigpt.fidelity import builtin_prompts, chat_fidelity, load_prompts  # noqa: E402
+from flexigpt.models import load_model  # noqa: E402
+from flexigpt.params import measure_params  # noqa: E402
+from flexigpt.pipeline import build, needs_calibration, recover_model  # noqa: E402
+from flexigpt.plan import AdapterSpec, plan_from_analysis  # noqa: E402
+from flexigpt.recover import RecoverSpec  # noqa: E402
+
+OBJECTIVES = ("lm", "distill", "mix")
+DATA = ("default", "chat", "mixed")
+SCORE_SHARE, PPL_SLACK = 0.7, 0.10
+
+
+def _recipes(args) -> list[tuple[str, str]]:
+    text = args.recipes or f"{args.objective}:{args.data}"
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        objective, _, data = part.partition(":")
+        if objective not in OBJECTIVES or data not in DATA:
+            raise SystemExit(f"error: recipe {part!r} must be OBJECTIVE:DATA with OBJECTIVE in {OBJECTIVES} and "
+                             f"DATA in {DATA}")
+        out.append((objective, data))
+    if not out:
+        raise SystemExit("error: --recipes names no recipe")
+    return out
+
+
+def _row(name: str, report, ppl: float, original, **extra) -> dict:
+    return {"method": name, "score": report.score, "agreement": report.agreement, "degeneration": report.degeneration,
+            "passed": report.passed, "degenerate": report.degenerate,
+            "lost_vs_original": len(report.regressions(original)) if original is not None else 0,
+            "ppl_heldout": ppl, "fidelity_seconds": round(report.seconds, 1), **extra}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--ratio", type=float, default=0.3)
+    ap.add_argument("--rank", type=int, default=8, help="FlexiGPT adapter rank")
+    ap.add_argument("--recipes", default=None, help="comma-separated OBJECTIVE:DATA recipes, e.g. lm:default,distill:chat")
+    ap.add_argument("--objective", default="lm", choices=OBJECTIVES, help="the one recipe's objective without --recipes")
+    ap.add_argument("--data", default="default", choices=DATA, help="the one recipe's data without --recipes")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=RecoverSpec().batch_size)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=RecoverSpec().lr)
+    ap.add_argument("--mix-fraction", type=float, default=0.5, help="share of chat windows in the `mixed` data")
+    ap.add_argument("--eval-windows", type=int, default=16, help="held-out windows of `default` for perplexity")
+    ap.add_argument("--calib-windows", type=int, default=32, help="analysis (and calibration) windows")
+    ap.add_argument("--prompts", default=None, help="a .jsonl prompt set instead of the built-in one")
+    ap.add_argument("--fidelity-max-new-tokens", type=int, default=48)
+    ap.add_argument("--chat-max-new-tokens", type=int, default=96, help="reply length of the self-distillation data")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (1 is much faster than 2 on a machine shared with other jobs)")
+    ap.add_argument("--save-dir", default=None, help="also write a compact export of every recovered recipe here")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    recipes = _recipes(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wall, cpu = time.perf_counter(), time.process_time()
+
+    loaded = load_model(args.model)
+    base, tok = loaded.model, loaded.tokenizer
+    pset = load_prompts(args.prompts) if args.prompts else builtin_prompts()
+    fid = {"prompts": pset, "max_new_tokens": args.fidelity_max_new_tokens}
+    analysis = analyze(base, tok, model_ref=args.model, data="default", samples=args.calib_windows,
+                       seq_len=min(args.seq_len, 256), ranks=(args.rank,), ratio=args.ratio).to_dict()
+    plan = plan_from_analysis(analysis, args.ratio, method="flexigpt", adapter=AdapterSpec(rank=args.rank))
+    held = token_windows(tok, "default", seq_len=args.seq_len, split="heldout", max_windows=args.eval_windows)
+    calib = token_windows(tok, "default", seq_len=min(args.seq_len, 256), split="train", max_windows=args.calib_windows)
+    print(f"plan: flexigpt r{args.rank} at ratio {args.ratio}: pruned {list(plan.pruned_blocks)}, donors {plan.donors}")
+
+    t0 = time.perf_counter()
+    original = chat_fidelity(base, tok, cache=True, **fid)  # cached on disk after the first run
+    rows = [_row("original", original, evaluate.perplexity(base, held).ppl, None, steps=0, recovery_seconds=0.0)]
+    print(f"original ({time.perf_counter() - t0:.1f} s): {original.summary()}", flush=True)
+
+    windows: dict[str, object] = {}
+    data_info: dict[str, dict] = {}
+
+    def data(name: str):
+        if name not in windows:
+            if name == "default":
+                windows[name] = token_windows(tok, "default", seq_len=args.seq_len, split="train")
+            elif name == "chat":
+                t = time.perf_counter()
+                chat = chat_data(base, tok, max_new_tokens=args.chat_max_new_tokens)
+                windows[name] = chat.windows(seq_len=args.seq_len)
+                data_info["chat"] = {**chat.protocol(), "generated": chat.generated, "seconds": round(chat.seconds, 1),
+                                     "windows": windows[name].num_windows}
+                print(f"chat data: {len(chat.replies)} conversations, {windows[name].num_windows} windows, "
+                      f"{'generated' if chat.generated else 'read from the cache'} in {time.perf_counter() - t:.1f} s",
+                      flush=True)
+            else:
+                windows[name] = mix_windows(data("default"), data("chat"), args.mix_fraction)
+            data_info.setdefault(name, {})["windows"] = windows[name].num_windows
+        return windows[name]
+
+    def built():
+        calibration = calib if needs_calibration(plan) else None
+        return build(base, plan, calibration=calibration)
+
+    model = built()
+    report = chat_fidelity(model, tok, reference=original, **fid)
+    rows.append(_row(f"flexigpt r{args.rank} (no recovery)", report, evaluate.perplexity(model, held).ppl, original,
+                     steps=0, recovery_seconds=0.0, trainable_params=measure_params(model).trainable))
+    print(f"no recovery: {report.summary()}", flush=True)
+    del model
+    base_spec = dataclasses.replace(RecoverSpec(), steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                                    lr=args.lr, checkpoint_every=0)
+    for objective, source in recipes:
+        name = f"flexigpt r{args.rank} {objective}:{source}"
+        spec = dataclasses.replace(base_spec, objective=objective)
+        train = data(source)
+        model = built()
+        t, c, last = time.perf_counter(), time.process_time(), None
+        for last in recover_model(model, base, train, spec):
+            pass
+        seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - c
+        report = chat_fidelity(model, tok, reference=original, **fid)
+        ppl = evaluate.perplexity(model, held).ppl
+        rows.append(_row(name, report, ppl, original, steps=spec.steps, recovery_seconds=round(seconds, 1),
+                         seconds_per_step=round(seconds / spec.steps, 2), cpu_seconds_per_step=round(cpu_seconds / spec.steps, 2),
+                         final_loss=last.loss if last else None, tokens_seen=last.tokens_seen if last else 0,
+                         train_windows=train.num_windows, trainable_params=measure_params(model).trainable))
+        lost = report.regressions(original)
+        print(f"{name}: ppl {ppl:.2f}, {seconds / spec.steps:.2f} s/step; {report.summary()}\n"
+              f"  answered by the original, not by this build ({len(lost)}): "
+              + ("; ".join(repr(r.prompt) for r, _ in lost[:6]) or "none") + (" ..." if len(lost) > 6 else ""),
+              flush=True)
+        if args.save_dir:
+            from flexigpt.export import save_compact  # only when exports are asked for
+
+            save_compact(model, plan, tok, Path(args.save_dir) / name.replace(" ", "-").replace(":", "-"), overwrite=True)
+        del model
+
+    lm = next((r for r in rows if r["method"].endswith(" lm:default")), None)
+    for r in rows[2:]:
+        r["score_vs_original"] = round(r["score"] / original.score, 3) if original.score else None
+        r["ppl_vs_lm_default"] = round(r["ppl_heldout"] / lm["ppl_heldout"], 3) if lm else None
+        r["meets_targets"] = bool(r["score"] >= SCORE_SHARE * original.score and r["degenerate"] == 0
+                                  and (lm is None or r["ppl_heldout"] <= (1 + PPL_SLACK) * lm["ppl_heldout"]))
+
+    w = max(len(r["method"]) for r in rows) + 2
+    print()
+    print(f"chat-fidelity protocol: {json.dumps({k: v for k, v in original.protocol.items() if k != 'loop_rule'})}")
+    print(f"held-out protocol: {json.dumps(held.protocol())}")
+    print(f"recovery: {args.steps} steps x batch {args.batch_size} x {args.seq_len} tokens, lr {args.lr}; "
+          f"mixed = {args.mix_fraction:g} chat")
+    print(f"{'method':<{w}}{'score':>7}{'agree':>7}{'degen':>7}{'lost':>6}{'ppl':>9}{'ppl/lm':>8}{'s/step':>8}{'meets':>7}")
+    for r in rows:
+        ratio = r.get("ppl_vs_lm_default")
+        print(f"{r['method']:<{w}}{r['score']:>7.3f}{(r['agreement'] if r['agreement'] is not None else 1.0):>7.3f}"
+              f"{r['degeneration']:>7.3f}{r['lost_vs_original']:>6}{r['ppl_heldout']:>9.2f}"
+              f"{(f'{ratio:.3f}' if ratio else '-'):>8}{(str(r.get('seconds_per_step', '-'))):>8}"
+              f"{('yes' if r.get('meets_targets') else 'no') if 'meets_targets' in r else '-':>7}")
+    print(f"total {time.perf_counter() - wall:.0f} s wall, {time.process_time() - cpu:.0f} s CPU")
+    if args.json:
+        print(json.dumps({"rows": rows, "fidelity_protocol": original.protocol, "heldout_protocol": held.protocol(),
+                          "data": data_info, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                          "lr": args.lr, "mix_fraction": args.mix_fraction, "pruned": list(plan.pruned_blocks),
+                          "targets": {"score_share": SCORE_SHARE, "ppl_slack": PPL_SLACK}}))
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
