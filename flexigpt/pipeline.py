@@ -36,7 +36,7 @@ from flexigpt.surgery import apply_plan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunOptions", "build", "recipe", "recover_model", "run"]
+__all__ = ["RunOptions", "build", "needs_calibration", "recipe", "recover_model", "run"]
 
 
 def recipe(plan: Plan, base: nn.Module, *, recovering: bool, kept_lora_rank: int | None = None) -> Plan:
@@ -55,38 +55,74 @@ def recipe(plan: Plan, base: nn.Module, *, recovering: bool, kept_lora_rank: int
     return plan
 
 
-def build(base: nn.Module, plan: Plan, *, calibration: Windows | None = None,
-          progress: Callable[[float, str], None] | None = None) -> nn.Module:
+def needs_calibration(plan: Plan, fit_steps: int = 0) -> bool:
+    """Whether building ``plan`` reads calibration windows (whitened init or local fitting)."""
+    fits = plan.method_spec.has_adapters and bool(plan.replaced_slots) and plan.method == "flexigpt"
+    return fits and (plan.adapter.init == "whitened" or fit_steps > 0)
+
+
+def build(base: nn.Module, plan: Plan, *, calibration: Windows | None = None, fit_steps: int = 0,
+          progress: Callable[[float, str], None] | None = None, report: dict | None = None) -> nn.Module:
     """Build ``plan`` from ``base`` (which stays unchanged) and initialise its slots.
+
+    With ``adapter.init == "whitened"`` each replaced slot's LoRA starts from the whitened fit of
+    ``W_pruned - W_donor`` (it reproduces the pruned block's linears on the calibration inputs)
+    and each output-norm gamma/beta is set in closed form by least squares against the pruned
+    block's own sub-layer outputs, so a poor fit opens a little and a good one wide. With
+    ``fit_steps > 0`` every slot is then trained alone to reproduce its pruned block's output
+    (block-local fitting, MSE on cached activations of the original model).
 
     Args:
         base: the base model.
         plan: the plan (with its kept-block LoRA rank, see ``recipe``).
-        calibration: train-split windows of the original model's text, needed by
-            ``adapter.init == "whitened"``.
+        calibration: train-split windows of the original model's text (see ``needs_calibration``).
+        fit_steps: block-local fitting steps per slot (0: none).
         progress: ``progress(fraction, message)`` callback.
+        report: filled with ``fit`` (per-slot residuals, R^2 and seconds) when given.
 
     Raises:
-        ValueError: a whitened init without calibration windows, and every ``apply_plan`` error.
+        ValueError: calibration windows missing where needed, and every ``apply_plan`` error.
     """
     if progress:
         progress(0.0, f"building the {plan.method} model")
     model = apply_plan(base, plan)
-    if plan.replaced_slots and plan.adapter.init == "whitened" and plan.method_spec.has_adapters:
-        if calibration is None:
-            raise ValueError("adapter.init 'whitened' fits each slot to its block's outputs on calibration text; "
-                             "pass calibration windows (or use init 'svd')")
+    if not needs_calibration(plan, fit_steps):
+        return model.eval()
+    if calibration is None:
+        raise ValueError("this build fits its slots to the pruned blocks' outputs (whitened init or local fitting); "
+                         "pass calibration windows (or use adapter init 'svd' and fit_steps 0)")
+    # the fitting modules hook the original model: loaded only for builds that fit
+    from flexigpt.block_io import collect_block_io
+    from flexigpt.slot_fit import fit_slots
+    from flexigpt.slot_init import whitened_slot_init
+    from flexigpt.slot_scales import closed_form_scales_
+
+    start = time.perf_counter()
+    out: dict[str, Any] = {}
+    if plan.adapter.init == "whitened":
         if progress:
-            progress(0.3, "fitting the slots to the pruned blocks' calibration outputs")
-        _whitened_init(model, base, calibration)
+            progress(0.1, "fitting each slot's adapter to its pruned block (whitened low rank)")
+        residuals = whitened_slot_init(model, base, calibration)
+        out["whitened_residual"] = {str(s): round(sum(r.values()) / len(r), 4) for s, r in residuals.items()}
+    cache = collect_block_io(base, calibration, sorted(plan.replaced_slots))
+    if plan.adapter.init == "whitened":
+        if progress:
+            progress(0.4, "setting each slot's output scales in closed form")
+        scales = closed_form_scales_(model, base, cache=cache)
+        out["scale_r2"] = {str(s): v for s, v in scales.items()}
+    if fit_steps > 0:
+        def step(slot: int, done: int, total: int) -> None:
+            if progress:
+                progress(0.5 + 0.5 * done / max(total, 1), f"fitting slot {slot} alone ({done}/{total} steps)")
+
+        fitted = fit_slots(model, base, cache=cache, steps=fit_steps, callback=step)
+        out["r2"] = {str(f.slot): round(f.r2_after, 4) for f in fitted.slots}
+        out["r2_before"] = {str(f.slot): round(f.r2_before, 4) for f in fitted.slots}
+        out["fit_steps"] = fit_steps
+    out["fit_seconds"] = round(time.perf_counter() - start, 2)
+    if report is not None:
+        report.update(out)
     return model.eval()
-
-
-def _whitened_init(model: nn.Module, base: nn.Module, calibration: Windows) -> None:
-    # the activation statistics need torch-heavy hooks: loaded only for whitened builds
-    from flexigpt.whiten import whitened_slot_init
-
-    whitened_slot_init(model, base, calibration)
 
 
 def recover_model(model: nn.Module, base: nn.Module, windows: Any, spec: RecoverSpec, **kwargs: Any) -> Iterator[StepLog]:
@@ -111,7 +147,8 @@ class RunOptions:
         overwrite: replace existing export folders.
         resume: continue recovery from ``OUT-checkpoint``.
         kept_lora_rank: override the plan's kept-block LoRA rank.
-        calibration_windows: train windows for the slot initialisation.
+        calibration_windows: train windows for the slot initialisation and local fitting.
+        fit_steps: block-local fitting steps per slot before recovery (0: none).
     """
 
     out: str
@@ -125,6 +162,7 @@ class RunOptions:
     resume: bool = False
     kept_lora_rank: int | None = None
     calibration_windows: int = 32
+    fit_steps: int = 0
 
 
 def run(plan: Plan, options: RunOptions, spec: RecoverSpec | None = None, *, base: nn.Module | None = None,
@@ -147,13 +185,16 @@ def run(plan: Plan, options: RunOptions, spec: RecoverSpec | None = None, *, bas
     built = recipe(plan, base, recovering=spec is not None, kept_lora_rank=options.kept_lora_rank)
     train_ref = options.train_data or options.data
     calibration = None
-    if built.adapter.init == "whitened" and built.replaced_slots:
+    if needs_calibration(built, options.fit_steps):
         calibration = token_windows(tokenizer, train_ref, seq_len=options.seq_len, split="train",
                                     max_windows=options.calibration_windows, max_len=context)
-    model = build(base, built, calibration=calibration)
+    fit: dict = {}
+    model = build(base, built, calibration=calibration, fit_steps=options.fit_steps, report=fit)
     heldout = token_windows(tokenizer, options.data, seq_len=options.seq_len, split="heldout",
                             max_windows=options.eval_windows, max_len=context)
     result: dict = {"plan": None, "method": plan.method, "slots": plan.num_slots}
+    if fit:
+        result["fit"] = fit
     if main:
         result["ppl_before"] = round(evaluate.perplexity(model, heldout).ppl, 4)
     if spec is not None:

@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kept-lora-rank", type=int, default=None,
                    help="LoRA rank on the kept blocks (default: the plan's; for a recovered drop plan without one, "
                         "matched to the FlexiGPT budget)")
+    p.add_argument("--fit-steps", type=int, default=0,
+                   help="block-local fitting: train each replacement slot alone for N steps to reproduce its pruned "
+                        "block's output on calibration text, before recovery (0 = none)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT-checkpoint")
     p.add_argument("--train-data", default=None, help="recovery text, train split (default: --data)")
     p.add_argument("--train-windows", type=int, default=None, help="use at most this many training windows")
@@ -48,6 +51,8 @@ def run(args: argparse.Namespace) -> dict | None:
 
     if not isinstance(args.steps, int) or args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
+    if not isinstance(args.fit_steps, int) or not 0 <= args.fit_steps <= 100_000:
+        raise ValueError(f"--fit-steps must be in 0..100000, got {args.fit_steps}")
     if args.eval_windows < 1:
         raise ValueError(f"--eval-windows must be >= 1, got {args.eval_windows}")
     path = Path(args.plan)
@@ -60,7 +65,8 @@ def run(args: argparse.Namespace) -> dict | None:
     spec = from_args(args, checkpoint_every=max(0, args.checkpoint_every)) if args.steps > 0 else None
     options = RunOptions(out=args.out, data=args.data, train_data=args.train_data, train_windows=args.train_windows,
                          eval_windows=args.eval_windows, seq_len=args.seq_len, merged=args.merged,
-                         overwrite=args.overwrite, resume=args.resume, kept_lora_rank=args.kept_lora_rank)
+                         overwrite=args.overwrite, resume=args.resume, kept_lora_rank=args.kept_lora_rank,
+                         fit_steps=args.fit_steps)
     accelerator = None
     if spec is not None and _distributed():
         # accelerate is heavy and needed only under `accelerate launch`
