@@ -34,8 +34,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -49,6 +47,7 @@ import torch.nn as nn
 from flexigpt import data as data_mod
 from flexigpt.activations import MomentCollector
 from flexigpt.arch import get_blocks
+from flexigpt.atomic import write_text
 from flexigpt.function_share import FUNCTION_METRIC, function_share_error
 from flexigpt.models import cache_dir, fingerprint
 from flexigpt.scoring import ppl_drop as run_ppl_drop
@@ -191,18 +190,8 @@ def _cache_path(key: dict[str, Any]) -> Path:
 
 
 def write_json(obj: dict[str, Any], path: str | Path) -> Path:
-    """Write ``obj`` as JSON atomically (temp file in the same folder + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``obj`` as JSON atomically (``flexigpt.atomic.write_text``)."""
+    return write_text(path, json.dumps(obj, allow_nan=False))
 
 
 def _share_json(se) -> dict[str, Any]:
