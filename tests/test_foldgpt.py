@@ -58,7 +58,7 @@ def test_invalid_foldgpt_plans_name_the_value(kwargs, fragment):
 
 
 def test_format_versions_old_plans_unchanged_new_features_need_2():
-    old = Plan("tiny", 6, (0, 1, 1, 3, 3, 5))
+    old = Plan("tiny", 6, (0, 1, 1, 3, 3, 5), adapter=AdapterSpec(init="svd"))  # the format-1 default init
     d = old.to_dict()
     assert d["format_version"] == 1 and "sources" not in d and "align" not in d["adapter"]
     assert Plan.from_json(old.to_json()) == old

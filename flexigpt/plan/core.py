@@ -110,7 +110,9 @@ class Plan(PlanEdits, PlanJSON):
     def required_version(self) -> int:
         """The lowest plan format that expresses this plan."""
         kept = 3 if self.kept_lora_rank is not None else 1
-        return max(self.method_spec.required_version(self), self.adapter.required_version, kept)
+        # adapter settings matter (and need their format) only where the method builds adapters
+        adapter = self.adapter.required_version if self.method_spec.has_adapters else 1
+        return max(self.method_spec.required_version(self), adapter, kept)
 
     def check_version(self) -> None:
         """Raise when the format the plan was read as cannot express it (a file that declares an

@@ -78,6 +78,8 @@ class PlanJSON:
         unknown = sorted(set(adapter) - names)
         if unknown:
             raise ValueError(f"unknown adapter keys {unknown}; valid: {sorted(names)}")
+        if "init" not in adapter and obj["format_version"] in (1, 2):
+            adapter = {**adapter, "init": "svd"}  # the default when formats 1 and 2 were written
         if "targets" in adapter:
             if not isinstance(adapter["targets"], list):
                 raise ValueError(f"adapter targets must be a list of matrix names, got {adapter['targets']!r}")
