@@ -17,6 +17,7 @@ block (two 576-wide inputs and one 1536-wide).
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -32,35 +33,27 @@ log = logging.getLogger(__name__)
 __all__ = ["MomentCollector", "linear_input_moments"]
 
 
-class _Packed:
-    """The float64 lower triangle of a running ``sum X^T X`` of one input width."""
+class _Moment:
+    """A running ``sum X^T X`` of one input width (its lower triangle, float32, added to by ``ssyrk``)."""
 
     def __init__(self, dim: int):
         self.dim = dim
-        self.rows, self.cols = torch.tril_indices(dim, dim)
-        self.sum = torch.zeros(self.rows.numel(), dtype=torch.float64)
+        self.sum = np.zeros((dim, dim), dtype=np.float32)
         self.tokens = 0
 
-    def add(self, x: torch.Tensor, scratch: dict[int, np.ndarray]) -> None:
+    def add(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, self.dim)
         if flat.device.type == "cpu":
-            arr = flat.float().contiguous().numpy()
-            g = scratch.get(self.dim)
-            if g is None:  # zeroed once: ssyrk writes one triangle and the other stays 0
-                g = scratch[self.dim] = np.zeros((self.dim, self.dim), dtype=np.float32)
-            lower = torch.from_numpy(lapack.gram(arr, out=g))  # C-order lower triangle
+            lapack.gram(flat.float().contiguous().numpy(), out=self.sum, accumulate=True)
         else:
             f = flat.float()
-            lower = (f.T @ f).cpu()
-        self.sum += lower[self.rows, self.cols].double()
+            self.sum += (f.T @ f).cpu().numpy()  # full matrix: its lower triangle is what counts
         self.tokens += int(flat.shape[0])
 
     def moment(self) -> torch.Tensor:
         """The dense symmetric ``X^T X / N`` in float64."""
-        c = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-        c[self.rows, self.cols] = self.sum
-        c = c + c.tril(-1).T
-        return c / max(self.tokens, 1)
+        low = torch.from_numpy(self.sum).double().tril()
+        return (low + low.tril(-1).T) / max(self.tokens, 1)
 
 
 class MomentCollector:
@@ -83,10 +76,10 @@ class MomentCollector:
         if bad:
             raise ValueError(f"blocks {bad} are out of range 0..{L - 1}")
         self.blocks = tuple(wanted)
-        self._acc: dict[int, dict[str, _Packed]] = {b: {} for b in self.blocks}
+        self._acc: dict[int, dict[str, _Moment]] = {b: {} for b in self.blocks}
         self._owner: dict[int, dict[str, str]] = {b: {} for b in self.blocks}  # matrix -> accumulator key
-        self._seen: dict[int, list[tuple[torch.Tensor, str]]] = {b: [] for b in self.blocks}
-        self._scratch: dict[int, np.ndarray] = {}
+        # weak references: holding the inputs themselves would keep every block's activations alive
+        self._seen: dict[int, list[tuple[weakref.ref, str]]] = {b: [] for b in self.blocks}
         self._tokens: dict[int, int] = {b: 0 for b in self.blocks}
         self._handles: list = []
 
@@ -116,16 +109,16 @@ class MomentCollector:
         def fn(module, args):
             x = args[0]
             seen = self._seen[b]
-            key = next((k for t, k in seen if t is x), None)  # q/k/v (gate/up) read one tensor object
+            key = next((k for ref, k in seen if ref() is x), None)  # q/k/v (gate/up) read one tensor object
             known = self._owner[b].get(name)
             if key is None:
                 key = name
                 acc = self._acc[b].get(key)
                 if acc is None:
-                    acc = self._acc[b][key] = _Packed(int(x.shape[-1]))
-                acc.add(x, self._scratch)
+                    acc = self._acc[b][key] = _Moment(int(x.shape[-1]))
+                acc.add(x)
                 self._tokens[b] = max(self._tokens[b], acc.tokens)
-                seen.append((x, key))
+                seen.append((weakref.ref(x), key))
             if known is not None and known != key:
                 raise RuntimeError(f"block {b}: {name} shared its input with {known} in one pass and not in another")
             self._owner[b][name] = key

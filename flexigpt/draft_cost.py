@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from flexigpt.runner import BlockRunner
-from flexigpt.self_speculative import AdaptiveThreshold, DraftConfig
+from flexigpt.self_speculative import AdaptiveThreshold, DraftConfig, DraftHead
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class StepCosts:
         attn / mlp: per block, its attention / MLP sub-layer (norm included).
         stack_ratio: ``stack_ratio[n - 1]``: a pass over ``n`` tokens relative to one token.
         head: ``head[n - 1]``: the full LM head over ``n`` positions.
-        draft_head: ``{rows: seconds}`` of the draft head.
+        draft_head: ``{(rows, precision): seconds}`` of the draft head (rows 0: all rows).
         overhead: fixed seconds per pass (embedding, argmax, bookkeeping).
     """
 
@@ -55,18 +55,15 @@ class StepCosts:
         return (sum(t for i, t in enumerate(self.attn[lo:hi], lo) if i not in skip_attn)
                 + sum(t for i, t in enumerate(self.mlp[lo:hi], lo) if i not in skip_mlp))
 
-    def head_cost(self, rows: int, vocab: int) -> float:
-        if rows <= 0 or rows >= vocab or not self.draft_head:
-            return self.head[0]
-        known = sorted(self.draft_head.items())
-        for r, t in known:  # the smallest measured row count that covers ``rows``
-            if r >= rows:
-                return t
-        return self.head[0]
+    def head_cost(self, rows: int, vocab: int, precision: str = "float32") -> float:
+        rows = 0 if rows >= vocab else rows
+        if (rows, precision) in self.draft_head:
+            return self.draft_head[(rows, precision)]
+        return self.head[0] if rows == 0 else self.head[0] * rows / vocab
 
     def to_dict(self) -> dict:
         return {"attn": list(self.attn), "mlp": list(self.mlp), "stack_ratio": list(self.stack_ratio),
-                "head": list(self.head), "draft_head": {str(k): v for k, v in self.draft_head.items()},
+                "head": list(self.head), "draft_head": {f"{r}/{p}": v for (r, p), v in self.draft_head.items()},
                 "overhead": self.overhead}
 
 
@@ -81,14 +78,14 @@ def _median_time(fn, repeats: int) -> float:
 
 
 @torch.no_grad()
-def measure_costs(runner: BlockRunner, *, context: int = 64, max_tokens: int = 9, rows=(4096, 8192, 16384),
-                  repeats: int = 5, blocks_only: bool = False) -> StepCosts:
+def measure_costs(runner: BlockRunner, *, context: int = 64, max_tokens: int = 9, rows=(0, 4096, 8192, 16384),
+                  precisions=("float32",), repeats: int = 5, blocks_only: bool = False) -> StepCosts:
     """Time the pieces of a decoding step on this machine (a second or two on a 135M model).
 
     Args:
         context: cached positions the timed steps attend to.
         max_tokens: largest verify pass timed (draft length + 1).
-        rows: draft-head row counts timed.
+        rows: draft-head row counts timed (0: all rows); precisions: their storage precisions.
         repeats: timings per piece (the median is kept).
         blocks_only: time only the sub-layers (for a draft's own block copies).
     """
@@ -111,10 +108,12 @@ def measure_costs(runner: BlockRunner, *, context: int = 64, max_tokens: int = 9
     head = [_median_time(lambda: runner.logits(hidden[:, :k]), repeats) for k in range(1, max_tokens + 1)]
     vocab = runner.weight.shape[0]
     draft_head = {}
-    for r in rows:
-        if r < vocab:
-            w = runner.weight[:r]
-            draft_head[int(r)] = _median_time(lambda: torch.softmax(runner.logits(one, rows=w)[-1], -1).max(-1), repeats)
+    for precision in precisions:
+        for r in rows:
+            if r < vocab:
+                small = DraftHead(runner.weight, r, precision).base
+                draft_head[(int(r), precision)] = _median_time(
+                    lambda: torch.softmax(runner.logits(one, head=small)[-1].float(), -1).max(-1), repeats)
     token = torch.tensor([[1]], device=runner.device)
     overhead = _median_time(lambda: (runner.embed(token), runner.rotary_for(one, context), float(one[0, 0, 0])), repeats)
     ratio = tuple(s / stack[0] for s in stack)
@@ -141,7 +140,7 @@ def replay(costs: StepCosts, config: DraftConfig, predictions: list[tuple[list[i
     prefix = costs.blocks(0, f)
     rest_full = costs.blocks(f, n)
     draft_step = (draft_costs or costs).blocks(f, n, set(config.skip_attn), set(config.skip_mlp)) + costs.head_cost(
-        config.draft_vocab, vocab) + costs.overhead
+        config.draft_vocab, vocab, config.precision) + costs.overhead
     seconds = plain = 0.0
     drafted = accepted = tokens = 0
     for guesses, confidence, truth in predictions:

@@ -30,7 +30,7 @@ import torch.nn as nn
 from flexigpt.draft_cost import StepCosts, measure_costs, replay
 from flexigpt.inference import fast_view, inference_form, int8_available
 from flexigpt.runner import BlockRunner
-from flexigpt.self_speculative import DraftConfig, SpeculativeResult, self_speculative_generate
+from flexigpt.self_speculative import DraftConfig, SpeculativeResult, head_for, self_speculative_generate
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ def _search(views: _Views, model, tokenizer, prompts, new_tokens: int, finalists
     runner = views.runner
     ids = [_prompt_ids(tokenizer, p, runner.device) for p in prompts]
     cal = _calibrate(runner, ids, new_tokens)
-    costs = measure_costs(views.verifier, max_tokens=max(_LENGTHS) + 1)
+    costs = measure_costs(views.verifier, max_tokens=max(_LENGTHS) + 1, precisions=precisions)
     vocab_size = runner.weight.shape[0]
     n = runner.num_layers
     scored: dict[tuple, tuple[float, DraftConfig, dict]] = {}
@@ -397,8 +397,7 @@ def _search(views: _Views, model, tokenizer, prompts, new_tokens: int, finalists
     extra = 0
     if config.precision != "float32":
         extra = views.drafter(model, config.precision).model._flexigpt_inference["extra_bytes"]
-    if config.draft_vocab:
-        extra += config.draft_vocab * runner.weight.shape[1] * runner.weight.element_size()
+    extra += head_for(runner, config).bytes
     seconds = time.perf_counter() - start
     log.info("draft search: %d candidates scored, %d timed, best %.2f tokens/s vs plain %.2f (%.1f s)",
              len(scored), len(timed), tps, plain_tps, seconds)

@@ -86,13 +86,15 @@ def _f32_c(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
-def gram(d: np.ndarray, out: np.ndarray | None = None, *, native: bool | None = None) -> np.ndarray:
+def gram(d: np.ndarray, out: np.ndarray | None = None, *, native: bool | None = None,
+         accumulate: bool = False) -> np.ndarray:
     """``D^T D`` of a C-contiguous float32 ``(m, n)`` array.
 
     Args:
         d: the matrix ``D``.
         out: optional ``(n, n)`` float32 buffer to write into.
         native: force (``True``) or skip (``False``) the BLAS route; default: whenever available.
+        accumulate: add ``D^T D`` to ``out`` (required then) instead of overwriting it.
 
     Returns:
         ``(n, n)`` float32. On the BLAS route only the upper triangle (column-major, i.e. the lower
@@ -100,11 +102,16 @@ def gram(d: np.ndarray, out: np.ndarray | None = None, *, native: bool | None = 
     """
     d = _f32_c(d, "d")
     m, n = d.shape
+    if accumulate and out is None:
+        raise ValueError("accumulate=True needs an out buffer to add to")
     if not (NATIVE if native is None else native and NATIVE):
         res = torch.from_numpy(d).T @ torch.from_numpy(d)
         if out is None:
             return res.numpy()
-        out[...] = res.numpy()
+        if accumulate:
+            out += res.numpy()
+        else:
+            out[...] = res.numpy()
         return out
     if out is None:
         out = np.empty((n, n), dtype=np.float32)
@@ -113,7 +120,7 @@ def gram(d: np.ndarray, out: np.ndarray | None = None, *, native: bool | None = 
     a = _Args()
     # column-major: A = D^T is (n x m) with lda = n; C = A A^T = D^T D (n x n)
     _SSYRK(a.char("U"), a.char("N"), a.int(n), a.int(m), a.float(1.0), d.ctypes.data, a.int(n),
-           a.float(0.0), out.ctypes.data, a.int(n))
+           a.float(1.0 if accumulate else 0.0), out.ctypes.data, a.int(n))
     return out
 
 

@@ -186,16 +186,15 @@ class BlockRunner:
                 hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
         return hidden
 
-    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Final norm + LM head over ``hidden`` ``(1, n, H)`` -> ``(n, V)`` (float32 for float models).
+    def logits(self, hidden: torch.Tensor, head=None) -> torch.Tensor:
+        """Final norm + LM head over ``hidden`` ``(1, n, H)`` -> ``(n, V)``.
 
-        ``rows``: a weight matrix holding a subset of the head's rows (a draft head); the
-        columns of the result then follow those rows.
+        ``head``: another head applied to the normed ``(n, H)`` states instead (a draft head).
         """
         h = self.norm(hidden)[0]  # (n, H)
-        if rows is not None:
-            return F.linear(h, rows)
-        if h.shape[0] > 1 and type(self.head) is nn.Linear and self.head.bias is None:
+        if head is not None:
+            return head(h)
+        if h.shape[0] > 1 and type(self.head) is nn.Linear and self.head.bias is None and h.device.type == "cpu":
             # several positions: the (V, H) x (H, n) product runs much faster than (n, H) x (H, V)
             # on CPUs for small n, and gives the same values up to float rounding
             return torch.mm(self.weight, h.T).T

@@ -28,12 +28,13 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from flexigpt.runner import BlockRunner
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AdaptiveThreshold", "DraftConfig", "SpeculativeResult", "draft_rows", "self_speculative_generate"]
+__all__ = ["AdaptiveThreshold", "DraftConfig", "DraftHead", "SpeculativeResult", "head_for", "self_speculative_generate"]
 
 
 @dataclass(frozen=True)
@@ -144,15 +145,43 @@ class AdaptiveThreshold:
         self.value = min(self.high, max(self.low, self.value + move))
 
 
-def draft_rows(runner: BlockRunner, vocab: int, extra: Iterable[int] = ()) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The draft head's weight rows and their token ids: the first ``vocab`` rows plus ``extra``
-    ids beyond them (``(None, None)``: the whole head)."""
-    total = runner.weight.shape[0]
-    if vocab <= 0 or vocab >= total:
-        return None, None
-    more = sorted({int(t) for t in extra if vocab <= int(t) < total})
-    ids = torch.cat([torch.arange(vocab), torch.tensor(more, dtype=torch.long)]).to(runner.device)
-    return runner.weight.index_select(0, ids), ids
+class DraftHead:
+    """The draft's LM head: the first ``vocab`` rows (all when 0) stored in the draft's precision,
+    plus, per prompt, the rows of the prompt's own tokens beyond them (float32).
+
+    Built once per model and draft (``head_for``); ``bind`` adds a prompt's extra rows.
+    """
+
+    def __init__(self, weight: torch.Tensor, vocab: int, precision: str):
+        from flexigpt.inference import LowPrecisionLinear
+
+        total = weight.shape[0]
+        self.weight, self.total = weight, total
+        self.vocab = vocab if 0 < vocab < total else total
+        base = weight[: self.vocab]
+        self.base = (lambda h: F.linear(h, base)) if precision == "float32" else LowPrecisionLinear(base, None, precision)
+        self.bytes = 0 if precision == "float32" else sum(
+            t.numel() * t.element_size() for t in self.base.buffers() if t is not None)
+
+    def bind(self, extra: Iterable[int]):
+        """``(head, ids)``: ``head(h) -> logits`` over the draft's rows, ``ids[i]`` the token of
+        column ``i`` (``None``: column ``i`` is token ``i``)."""
+        more = sorted({int(t) for t in extra if self.vocab <= int(t) < self.total})
+        if not more:
+            return self.base, None
+        index = torch.tensor(more, dtype=torch.long, device=self.weight.device)
+        rows = self.weight.index_select(0, index)
+        ids = torch.cat([torch.arange(self.vocab, device=self.weight.device), index])
+        return (lambda h: torch.cat([self.base(h).to(h.dtype), F.linear(h, rows)], dim=-1)), ids
+
+
+def head_for(runner: BlockRunner, config: DraftConfig) -> DraftHead:
+    """The draft head of ``config`` for ``runner``'s model, built once and kept on the runner."""
+    heads = runner.__dict__.setdefault("_draft_heads", {})
+    key = (config.draft_vocab, config.precision)
+    if key not in heads:
+        heads[key] = DraftHead(runner.weight, config.draft_vocab, config.precision)
+    return heads[key]
 
 
 def _eos_set(eos: int | Iterable[int] | None) -> set[int]:
@@ -203,7 +232,7 @@ def self_speculative_generate(runner: BlockRunner, config: DraftConfig, input_id
     rest = range(f, n_layers)
     ids = input_ids.to(runner.device)
     prompt = [int(t) for t in ids[0]]
-    rows, row_ids = draft_rows(runner, config.draft_vocab, list(prompt) + sorted(eos))
+    head, row_ids = head_for(runner, config).bind(list(prompt) + sorted(eos))
     cache = runner.new_cache(len(prompt) + max_new_tokens + config.max_draft + 2, static_cache)
     policy = AdaptiveThreshold(config.threshold, config.target_acceptance)
     logits = runner.logits(runner.run(runner.embed(ids), 0, n_layers, cache, 0)[:, -1:])
@@ -226,7 +255,7 @@ def self_speculative_generate(runner: BlockRunner, config: DraftConfig, input_id
                 break
             # the draft writes its own keys/values after the confirmed ones; the verify overwrites them
             out = drafter.run(h, f, n_layers, cache, p, skip_attn=skip_a, skip_mlp=skip_m)
-            probs = torch.softmax(runner.logits(out, rows=rows)[-1].float(), -1)
+            probs = torch.softmax(runner.logits(out, head=head)[-1].float(), -1)
             top, arg = probs.max(-1)
             if float(top) < policy.value:
                 break
