@@ -123,6 +123,7 @@ class Analysis:
 
     def to_frame(self):
         """One row per block: BI, prune rank, single-block angular distance, ppl without it, suggested donor."""
+        # pandas is heavy: imported on first use
         import pandas as pd
 
         bi = self.payload["block_influence"]

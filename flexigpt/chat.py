@@ -182,6 +182,7 @@ def stream_reply(
     if prompt.note:
         warnings.warn(prompt.note, UserWarning, stacklevel=2)
         log.warning(prompt.note)
+    # transformers is heavy: imported on first use
     from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                               TopKLogitsWarper, TopPLogitsWarper)
 
@@ -245,6 +246,7 @@ def _stepper(model: nn.Module, capacity: int):
     other models through their forward pass with a transformers cache. Only the last position
     goes through the LM head, as in ``generate``.
     """
+    # imported on first use: keeps importing this module light
     from flexigpt.runner import BlockRunner, runner_support
 
     if runner_support(model) is None:
@@ -258,6 +260,7 @@ def _stepper(model: nn.Module, capacity: int):
             return runner.logits(hidden[:, -1:])
 
         return step
+    # inspect: only this path needs it
     import inspect
 
     keep = "logits_to_keep" in inspect.signature(model.forward).parameters

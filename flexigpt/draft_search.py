@@ -3,16 +3,14 @@
 1. The model greedily continues a few calibration prompts; one pass over each sequence records
    how much every attention and MLP sub-layer changes the residual stream (the relative norm of
    its output).
-2. Candidates: for several first skipped blocks ``f`` (the blocks before ``f`` are shared by
-   draft and verify), the least-changing sub-layers at or after ``f``, in nested sets of several
-   sizes. Each candidate drafts the calibration continuations teacher-forced (one pass from the
-   recorded hidden state at ``f``), which gives its exact guesses and confidences.
+2. Candidates: for several first skipped blocks ``f`` (blocks before ``f`` are shared by draft and
+   verify), the least-changing sub-layers at or after ``f``, in nested sets of several sizes; each
+   drafts the calibration continuations teacher-forced from the hidden state at ``f``.
 3. ``flexigpt.draft_cost.replay`` prices every candidate with every draft head size, draft
    length and threshold on this machine's measured step costs; the best skip sets are refined
    by adding or removing one sub-layer.
-4. The best few are timed for real against plain greedy decoding on the calibration prompts;
-   the fastest is kept. The choice is stored in memory on the model and on disk under
-   ``flexigpt.models.cache_dir() / "drafts"``, keyed by ``flexigpt.models.fingerprint``.
+4. The best few are timed for real against plain greedy decoding; the fastest is kept, in memory
+   and on disk under ``cache_dir() / "drafts"``, keyed by ``flexigpt.models.fingerprint``.
 """
 from __future__ import annotations
 
@@ -92,7 +90,7 @@ def greedy_tokens(runner: BlockRunner, ids: torch.Tensor, new_tokens: int, eos: 
 
 
 def _prompt_ids(tokenizer: Any, text: str, device) -> torch.Tensor:
-    from flexigpt.chat import build_prompt
+    from flexigpt.chat import build_prompt  # on first use: keeps this module's import light
 
     return torch.tensor([build_prompt(tokenizer, text).ids], dtype=torch.long, device=device)
 
@@ -188,8 +186,7 @@ def _best_setting(costs: StepCosts, logits, cal, skips, vocab_size: int, precisi
 
 
 class _Views:
-    """The runners of one model: the model itself, its fast view (for verify passes) and the
-    draft copies built so far."""
+    """The runners of one model: itself, its fast view (verify passes) and the drafts built so far."""
 
     def __init__(self, model: nn.Module):
         self.version = _version(model)
@@ -223,7 +220,7 @@ def _views(model: nn.Module) -> _Views:
 
 
 def _cache_file(model: nn.Module) -> Path:
-    from flexigpt.models import cache_dir, fingerprint
+    from flexigpt.models import cache_dir, fingerprint  # on first use: keeps this module's import light
 
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     key = f"{fingerprint(model)}-{dtype}-{torch.get_num_threads()}t-v{_SEARCH_VERSION}"
@@ -258,8 +255,7 @@ class SelfDraft:
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id=None, *,
                  max_draft: int | None = None) -> SpeculativeResult:
-        """Greedy decoding, identical to plain greedy decoding, drafted by the chosen draft
-        (``max_draft`` overrides its draft length)."""
+        """Greedy decoding, identical to plain greedy, drafted by the chosen draft (``max_draft``: its length)."""
         config = self.choice.config if max_draft is None else replace(self.choice.config, max_draft=max_draft)
         return self_speculative_generate(self.runner, config, input_ids, max_new_tokens, eos_token_id=eos_token_id,
                                          draft_runner=self.draft_runner, verify_runner=self.verify_runner)

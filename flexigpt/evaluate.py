@@ -157,6 +157,7 @@ class SpeedReport:
         return {"rows": [vars(r) for r in self.rows], **self.protocol}
 
     def to_frame(self):
+        # pandas is heavy: imported on first use
         import pandas as pd
 
         return pd.DataFrame([vars(r) for r in self.rows])
@@ -265,6 +266,7 @@ class ZeroShotResult:
 
 
 def _task_manager(tasks: Sequence[str], include_path: str | Path | None):
+    # lm_eval is heavy: imported on first use
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -313,6 +315,7 @@ def zero_shot(
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     try:
+        # lm_eval is heavy: imported on first use
         import lm_eval
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM

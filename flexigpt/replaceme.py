@@ -333,6 +333,7 @@ def lowest_distance_spans(distances_or_model: Any, length: int, count: int = 1, 
     if isinstance(distances_or_model, nn.Module):
         if windows is None:
             raise ValueError("windows are required to score a model's spans")
+        # imported on first use: keeps importing this module light
         from flexigpt.scoring import score_blocks
 
         L = len(get_blocks(distances_or_model))

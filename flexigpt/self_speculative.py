@@ -153,6 +153,7 @@ class DraftHead:
     """
 
     def __init__(self, weight: torch.Tensor, vocab: int, precision: str):
+        # imported on first use: keeps importing this module light
         from flexigpt.inference import LowPrecisionLinear
 
         total = weight.shape[0]

@@ -88,11 +88,13 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: i
                     eos_token_id: int | Iterable[int] | None = None) -> SpeculativeResult:
     """Plain greedy decoding with a KV cache, timed the same way as ``speculative_generate``
     (through ``flexigpt.runner.BlockRunner`` where it applies: the same logits, less overhead)."""
+    # transformers is heavy: imported on first use
     from transformers import DynamicCache
 
     eos = _eos_set(eos_token_id)
     start = time.perf_counter()
     if runner_support(model) is None:
+        # imported on first use: keeps importing this module light
         from flexigpt.draft_search import greedy_tokens
 
         new = greedy_tokens(BlockRunner(model), input_ids, max_new_tokens, eos)
@@ -143,6 +145,7 @@ def speculative_generate(
     Returns:
         SpeculativeResult with the sequence and acceptance statistics.
     """
+    # transformers is heavy: imported on first use
     from transformers import DynamicCache
 
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
@@ -228,6 +231,7 @@ def draft_for(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: the model has no replacement slots to skip (nothing would be gained).
     """
+    # imported on first use: keeps importing this module light
     from flexigpt.surgery import build_info
 
     plan = build_info(model).plan
@@ -256,6 +260,7 @@ def speculative_reply(model: nn.Module, tokenizer, messages, *, draft=None, max_
     Returns:
         ``(reply_text, statistics)``.
     """
+    # imported on first use: keeps importing this module light
     from flexigpt.chat import ZERO_WIDTH_SPACE, _context_length, _eos_ids, build_prompt
     from flexigpt.draft_search import SelfDraft, self_draft
 

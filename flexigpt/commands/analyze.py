@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace):
+    # imported when the command runs, so `--help` stays fast
     from flexigpt.analysis import analyze, write_json
     from flexigpt.models import load_model
 

@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace):
+    # imported when the command runs, so `--help` stays fast
     from flexigpt.chat import reply
     from flexigpt.models import load_model
 
@@ -51,8 +52,10 @@ def run(args: argparse.Namespace):
 
 
 def _speculative(args: argparse.Namespace, loaded, messages):
+    # sys: only this path needs it
     import sys
 
+    # imported when the command runs, so `--help` stays fast
     from flexigpt.runner import runner_support
     from flexigpt.speculative import draft_for, speculative_reply
 
@@ -61,6 +64,7 @@ def _speculative(args: argparse.Namespace, loaded, messages):
     model, tokenizer = loaded.model, loaded.tokenizer
     extra: dict = {}
     if runner_support(model) is None:
+        # imported when the command runs, so `--help` stays fast
         from flexigpt.draft_search import self_draft
 
         draft = self_draft(model, tokenizer)
