@@ -9,8 +9,10 @@ the same recovery data, steps and tokens for every trained row:
 - drop                       ShortGPT, no training
 - drop + LoRA (=rN)          LoRA on the kept blocks at the trainable-parameter count of FlexiGPT rN
 - flexigpt r8 (svd, one lr)  FlexiGPT as first shipped: SVD init, one learning rate for everything
-- flexigpt r8 (defaults)     what `plan` then `build --steps N` gives with no other flag
-- flexigpt r8 (+ fit N)      the defaults plus block-local fitting of each slot before recovery
+- flexigpt r8 (defaults)     what `plan` then `build --steps N` gives with no other flag (svd init,
+                             gate learning-rate multiplier)
+- flexigpt r8 (whitened)     whitened init with closed-form output scales
+- flexigpt r8 (+ fit N)      whitened init plus block-local fitting of each slot before recovery
 - flexigpt r32 (defaults)    the same at rank 32
 - foldgpt gG (...)           FoldGPT with its cure (distillation incl. the last-block hidden state)
 
@@ -75,8 +77,8 @@ def _rows(args, analysis, base) -> tuple[list[Row], Plan]:
     for r in (8, 32):
         rows.append(Row(f"drop + LoRA (=r{r})", drop.with_kept_lora(matched_lora_rank(flexi[r], base))))
     rows.append(Row("flexigpt r8 (svd, one lr)", first.with_adapter(init="svd"), spec={"gate_lr_scale": 1.0}))
-    rows.append(Row("flexigpt r8 (svd, gate lr)", first.with_adapter(init="svd")))
-    rows.append(Row(f"flexigpt r8 (defaults: {defaults.init})", first))
+    rows.append(Row(f"flexigpt r8 (defaults: {defaults.init}, gate lr)", first))
+    rows.append(Row("flexigpt r8 (whitened, gate lr)", first.with_adapter(init="whitened")))
     rows.append(Row(f"flexigpt r8 (whitened + fit {args.fit_steps})", first.with_adapter(init="whitened"),
                     fit_steps=args.fit_steps))
     rows.append(Row(f"flexigpt r32 (defaults: {defaults.init})", flexi[32]))

@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--align", action=argparse.BooleanOptionalAction, default=None,
                    help="initialise each adapter against its donor permutation-aligned to the pruned block")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank of the replacement slots")
+    p.add_argument("--init", choices=("svd", "whitened", "zeros"), default=None,
+                   help="adapter initialisation: svd (default), whitened (fit to the pruned block's outputs on "
+                        "calibration text, closed-form output scales), zeros")
     p.add_argument("--out-norm", choices=("layernorm", "scale"), default=None, help="output normalisation kind")
     p.add_argument("--out-norm-scale", type=float, default=None, help="starting gamma / scale of the output norms")
     p.add_argument("--kept-lora-rank", type=int, default=None,
@@ -140,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
     if method != plan.method or (method == "foldgpt" and args.group_size is not None):
         plan = plan.with_method(method, group_size=args.group_size)
     changes = {k: v for k, v in (("rank", args.rank), ("out_norm", args.out_norm), ("out_norm_scale", args.out_norm_scale),
-                                 ("align", args.align)) if v is not None}
+                                 ("align", args.align), ("init", args.init)) if v is not None}
     if changes:
         plan = plan.with_adapter(**changes)
     if args.ratio is not None:

@@ -19,13 +19,14 @@ class AdapterSpec:
     Attributes:
         rank: LoRA rank; each matrix's rank is capped at ``min(d_in, d_out)`` at build time.
         targets: short matrix names (``q_proj``...); empty = every linear of the architecture.
-        init: ``whitened`` (the default, measured best in bench/quality.py: the fit of
-            ``W_pruned - W_donor`` weighted by the pruned block's calibration inputs, so it
-            reproduces the block's outputs rather than its weights, plus output-norm scales set
-            in closed form; needs calibration windows at build time; plan format 3), ``svd``
-            (the paper's truncated SVD of ``W_pruned - W_donor``, singular values on the output
-            side, output norms at ``out_norm_scale``) or ``zeros`` (standard LoRA: output-side
-            factor zero). Extension copies always use ``zeros``.
+        init: ``svd`` (the default: the paper's truncated SVD of ``W_pruned - W_donor``,
+            singular values on the output side, output norms at ``out_norm_scale``),
+            ``whitened`` (the fit of ``W_pruned - W_donor`` weighted by the pruned block's
+            calibration inputs, so it reproduces the block's outputs rather than its weights,
+            plus output-norm scales set in closed form; needs calibration windows at build time;
+            plan format 3. Measured in bench/quality.py: a better start and a better in-domain
+            result, but a worse one on text of another domain, so it is not the default) or
+            ``zeros`` (standard LoRA: output-side factor zero). Extension copies always use ``zeros``.
         out_norm: ``layernorm`` (the paper's output feature normalisation: a LayerNorm on the
             attention and MLP outputs with a tiny gamma) or ``scale`` (a learnable per-feature
             scale vector; linear, so a merged export can fold it into the out linears).
@@ -34,13 +35,13 @@ class AdapterSpec:
             slot's pre-norms, the only parameters it trains).
         align: relabel each donor's neurons and heads to line up with the pruned block before
             the SVD (``flexigpt.align``); the adapter is folded back, so the slot still runs
-            the donor's tensors unchanged. A weight-space initialisation: with the default
+            the donor's tensors unchanged. A weight-space initialisation: with
             ``init="whitened"`` it selects ``init="svd"``; ``zeros`` is refused. Plan format 2.
     """
 
     rank: int = 8
     targets: tuple[str, ...] = ()
-    init: Literal["svd", "zeros", "whitened"] = "whitened"
+    init: Literal["svd", "zeros", "whitened"] = "svd"
     out_norm: Literal["layernorm", "scale"] = "layernorm"
     out_norm_scale: float = 1e-3
     train_prenorms: bool = True
