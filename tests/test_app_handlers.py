@@ -208,3 +208,15 @@ def test_story_on_the_tiny_model(tiny_folder, tiny_text_file, request_, monkeypa
     assert scaled.adapter.out_norm == "scale"
     plan_path = export_tab.on_plan_file("flexigpt 33% r4", request_)
     assert json.loads(open(plan_path).read())["layer_map"] == list(plan.layer_map)
+
+
+def test_example_plans_load_for_the_embedded_model(request_):
+    from flexigpt.plan import Plan
+
+    paths = plan_tab.example_plans()
+    assert len(paths) == 3
+    for path in paths:
+        plan = plan_tab.on_upload(path, request_)
+        assert isinstance(plan, Plan) and plan.num_blocks == 30 and plan.pruned_blocks
+    with pytest.raises(gr.Error, match="not found"):
+        plan_tab.example_view("nope", request_)

@@ -306,6 +306,19 @@ def upload_view(file, request: gr.Request = None) -> tuple:
     return _views(on_upload(file, request), request)
 
 
+def example_view(name: str, request: gr.Request = None) -> tuple:
+    """Load one of the shipped example plans by name (validated like an upload)."""
+    paths = {Path(p).stem: p for p in example_plans()}
+    if name not in paths:
+        return _views(_refuse_example(name, sorted(paths)), request)
+    return upload_view(paths[name], request)
+
+
+@user_errors
+def _refuse_example(name, valid):
+    raise ValueError(f"example plan {name!r} not found; valid: {valid}")
+
+
 def example_plans() -> list[str]:
     return sorted(str(p) for p in PLANS_DIR.glob("*.json")) if PLANS_DIR.is_dir() else []
 
@@ -341,9 +354,12 @@ def render(ctx) -> None:
         with gr.Row():
             download = gr.DownloadButton("Download plan.json", elem_id="plan-download")
             upload = gr.UploadButton("Upload plan.json", file_types=[".json"], elem_id="plan-upload")
-        examples = example_plans()
-        if examples:
-            gr.Examples([[p] for p in examples], inputs=[upload], label="example plans")
+        examples = {Path(p).stem: p for p in example_plans()}
+        if examples:  # a menu, not gr.Examples: examples cannot feed an UploadButton
+            with gr.Row():
+                example = gr.Dropdown(list(examples), value=None, label="example plans (for the embedded model)",
+                                      elem_id="plan-example")
+                load_example = gr.Button("Load example", elem_id="plan-example-load")
         code = gr.Code(language="json", label="plan.json", interactive=False, max_lines=24, elem_id="plan-json")
     ctx.components.update(ratio=ratio, method=method, rank=rank)
     views = [slots, params, table, code, message, download, block]
@@ -366,3 +382,5 @@ def render(ctx) -> None:
     block.input(on_pick_block, [ctx.plan, block], [action, donor], **fast)
     apply.click(edit_view, [ctx.plan, block, action, donor], out, api_name="edit_plan", **fast)
     upload.upload(upload_view, [upload], out, api_name="upload_plan", **fast)
+    if examples:
+        load_example.click(example_view, [example], out, api_name="example_plan", **fast)
