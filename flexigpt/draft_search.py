@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from flexigpt.atomic import write_text
 from flexigpt.draft_cost import StepCosts, measure_costs, replay
 from flexigpt.inference import fast_view, inference_form, int8_available
 from flexigpt.runner import BlockRunner
@@ -307,10 +308,7 @@ def choose_draft(model: nn.Module, tokenizer: Any, *, prompts: tuple[str, ...] =
         if choice is None:
             choice = _search(views, model, tokenizer, prompts, new_tokens, finalists, precisions)
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(choice.to_dict(), indent=1))
-                tmp.replace(path)
+                write_text(path, json.dumps(choice.to_dict(), indent=1))
     finally:
         model.train(was_training)
     for precision in list(views.drafts):  # keep only the draft copy the choice uses

@@ -17,8 +17,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,7 +26,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from flexigpt.chat import ZERO_WIDTH_SPACE, build_prompt
+from flexigpt.atomic import write_text
+from flexigpt.chat import ZERO_WIDTH_SPACE, _context_length, build_prompt
 from flexigpt.models import cache_dir, fingerprint
 
 log = logging.getLogger(__name__)
@@ -50,15 +49,6 @@ class GreedyReply:
 def reply_text(tokenizer: Any, tokens: Sequence[int]) -> str:
     """The reply as the chat shows it: special tokens skipped, our escape removed, stripped."""
     return tokenizer.decode(list(tokens), skip_special_tokens=True).replace(ZERO_WIDTH_SPACE, "").strip()
-
-
-def _context_length(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048
 
 
 def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
@@ -179,15 +169,7 @@ def _read_cache(path: Path, key: dict[str, Any], rendered: list[tuple[int, ...]]
 def _write_cache(path: Path, key: dict[str, Any], replies: list[GreedyReply]) -> None:
     data = {"key": key, "replies": [{"prompt_ids": list(r.prompt_ids), "tokens": list(r.tokens), "ended": r.ended}
                                     for r in replies]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"))
-        os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text(path, json.dumps(data, separators=(",", ":")))  # a reader sees the old file or the new one
 
 
 def cached_greedy_replies(

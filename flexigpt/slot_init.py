@@ -16,13 +16,12 @@ import torch
 import torch.nn as nn
 
 from flexigpt.activations import linear_input_moments
-from flexigpt.adapters import OutputNorm, base_linear
+from flexigpt.adapters import ADAPTER, OutputNorm, base_linear
 from flexigpt.arch import ArchSpec, arch_of, get_blocks, get_submodule
 from flexigpt.whiten import DAMP, whitened_fit, whitener
 
 log = logging.getLogger(__name__)
 
-ADAPTER = "default"  # the peft adapter name the project uses
 
 __all__ = ["slot_factors", "slot_fits", "whitened_slot_init"]
 

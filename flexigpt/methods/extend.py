@@ -10,18 +10,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from flexigpt.methods.base import BuildContext, Method
-from flexigpt.methods.flexigpt import adapter_estimate, build_adapter_slot
+from flexigpt.methods.base import BuildContext
+from flexigpt.methods.flexigpt import AdapterSlots, build_adapter_slot
 
 __all__ = ["Extend"]
 
 
-class Extend(Method):
+class Extend(AdapterSlots):
     name = "extend"
     label = "extend (copy blocks)"
     description = "repeat chosen blocks: each copy shares its block's weights and trains its own adapter"
     editable = False
-    has_adapters = True
 
     def validate(self, plan) -> None:
         lm, L = plan.layer_map, plan.num_blocks
@@ -57,15 +56,6 @@ class Extend(Method):
             return ctx.copies[block]
         # the copy starts from its source block's norms; standard LoRA init (nothing to approximate)
         return build_adapter_slot(ctx, plan, donor=block, norm_source=block, pruned=None)
-
-    def estimate(self, plan, shapes, adapter) -> tuple[int, int, int]:
-        return adapter_estimate(plan, shapes, adapter, self.replaced_slots(plan))
-
-    def merge_problem(self, plan) -> str | None:
-        if self.replaced_slots(plan) and plan.adapter.out_norm == "layernorm":
-            return ("out_norm 'layernorm' cannot be merged into plain weights (LayerNorm is nonlinear); use the "
-                    "compact export, or build with out_norm 'scale'")
-        return None
 
     def add_cli_options(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--extend-blocks", default="", help="extend: blocks to repeat, e.g. 10,11,12")

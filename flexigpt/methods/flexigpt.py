@@ -15,7 +15,7 @@ import dataclasses
 
 from flexigpt.methods.base import BuildContext, Method, nearest_kept
 
-__all__ = ["FlexiGPT", "adapter_estimate", "build_adapter_slot"]
+__all__ = ["AdapterSlots", "FlexiGPT", "adapter_estimate", "build_adapter_slot"]
 
 
 def build_adapter_slot(ctx: BuildContext, plan, *, donor: int, norm_source: int, pruned: int | None):
@@ -47,12 +47,26 @@ def adapter_estimate(plan, shapes, adapter, replaced) -> tuple[int, int, int]:
     return stored, run, R * trainable_slot
 
 
-class FlexiGPT(Method):
+class AdapterSlots(Method):
+    """Methods whose replaced slots carry LoRA, output norms and own pre-norms (flexigpt, extend)."""
+
+    has_adapters = True
+
+    def estimate(self, plan, shapes, adapter) -> tuple[int, int, int]:
+        return adapter_estimate(plan, shapes, adapter, self.replaced_slots(plan))
+
+    def merge_problem(self, plan) -> str | None:
+        if self.replaced_slots(plan) and plan.adapter.out_norm == "layernorm":
+            return ("out_norm 'layernorm' cannot be merged into plain weights (LayerNorm is nonlinear); use the "
+                    "compact export, or build with out_norm 'scale'")
+        return None
+
+
+class FlexiGPT(AdapterSlots):
     name = "flexigpt"
     label = "FlexiGPT (share a donor + adapter)"
     description = "each pruned block's slot runs a kept donor's weights plus its own low-rank adapter and output norm"
     chooses_donors = True
-    has_adapters = True
 
     def validate(self, plan) -> None:
         lm, L = plan.layer_map, plan.num_blocks
@@ -104,12 +118,3 @@ class FlexiGPT(Method):
         if donor == slot:
             return ctx.copies[slot]
         return build_adapter_slot(ctx, plan, donor=donor, norm_source=slot, pruned=slot)
-
-    def estimate(self, plan, shapes, adapter) -> tuple[int, int, int]:
-        return adapter_estimate(plan, shapes, adapter, self.replaced_slots(plan))
-
-    def merge_problem(self, plan) -> str | None:
-        if self.replaced_slots(plan) and plan.adapter.out_norm == "layernorm":
-            return ("out_norm 'layernorm' cannot be merged into plain weights (LayerNorm is nonlinear); use the "
-                    "compact export, or build with out_norm 'scale'")
-        return None
