@@ -18,6 +18,7 @@ import torch.nn as nn
 from flexigpt.activations import linear_input_moments
 from flexigpt.adapters import ADAPTER, OutputNorm, base_linear
 from flexigpt.arch import ArchSpec, arch_of, get_blocks, get_submodule
+from flexigpt.build_info import build_info
 from flexigpt.whiten import DAMP, whitened_fit, whitener
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,6 @@ def whitened_slot_init(built_model: nn.Module, base_model: nn.Module, windows_or
     Raises:
         ValueError: not a flexigpt build of this base, missing moments, or a rank above a LoRA's.
     """
-    from flexigpt.surgery import build_info  # lazy: surgery imports adapters, which we also use
-
     plan = build_info(built_model).plan
     if plan.method != "flexigpt":
         raise ValueError(f"whitened slot init needs a flexigpt plan, got method {plan.method!r}")
