@@ -230,19 +230,20 @@ def slot_map(num_blocks: int, layer_map: Sequence[int], replaced_slots: Sequence
             from it). Slots that run another block's weights are then drawn as shared and every
             group of slots running the same weights is framed.
     """
-    layer_map = [int(b) for b in layer_map]
+    layer_map = [None if b is None else int(b) for b in layer_map]  # None: a FlexiGPT slot with no donor
     fold = sources is not None
     sources = [int(b) for b in sources] if fold else None
     replaced = ({s for s in range(len(layer_map)) if layer_map[s] != sources[s]} if fold
                 else {int(s) for s in replaced_slots})
-    used = set(layer_map)
+    used = {b for b in layer_map if b is not None}
+    alone = {s for s, b in enumerate(layer_map) if b is None}
     present = set(sources) if fold else used
     n_slots = len(layer_map)
     fig = go.Figure()
     top_color = [COLORS["kept"] if b in used else (COLORS["muted"] if b in present else COLORS["dropped"])
                  for b in range(num_blocks)]
     donors_of = {}
-    for s in replaced:
+    for s in replaced - alone:
         donors_of.setdefault(layer_map[s], []).append(s)
 
     def top_state(b: int) -> str:
@@ -258,19 +259,20 @@ def slot_map(num_blocks: int, layer_map: Sequence[int], replaced_slots: Sequence
     fig.add_trace(go.Bar(x=list(range(num_blocks)), y=[0.8] * num_blocks, base=[1.2] * num_blocks, marker_color=top_color,
                          text=[str(b) for b in range(num_blocks)], textposition="inside", hovertext=top_hover,
                          hoverinfo="text", width=0.85, showlegend=False, name="base"))
-    bottom_color = [COLORS["shared"] if s in replaced else (COLORS["extra"] if s >= num_blocks else COLORS["kept"])
+    bottom_color = [COLORS["accent"] if s in alone else COLORS["shared"] if s in replaced else (COLORS["extra"] if s >= num_blocks else COLORS["kept"])
                     for s in range(n_slots)]
-    bottom_text = [f"{layer_map[s]}" for s in range(n_slots)]
+    bottom_text = ["–" if s in alone else f"{layer_map[s]}" for s in range(n_slots)]
     if fold:
         bottom_hover = [f"slot {s} (0-based) stands for base block {sources[s]} (its own pre-norms) and runs block "
                         f"{layer_map[s]}'s weights" + (" (shared)" if s in replaced else "") for s in range(n_slots)]
     else:
-        bottom_hover = [f"slot {s} (0-based) runs base block {layer_map[s]}"
+        bottom_hover = [f"slot {s} (0-based) has no donor: it runs only its own rank-r factors of block {s}"
+                        if s in alone else f"slot {s} (0-based) runs base block {layer_map[s]}"
                         + (" shared weights + its own adapter" if s in replaced else "") for s in range(n_slots)]
     fig.add_trace(go.Bar(x=list(range(n_slots)), y=[0.8] * n_slots, base=[0.0] * n_slots, marker_color=bottom_color,
                          text=bottom_text, textposition="inside", hovertext=bottom_hover, hoverinfo="text",
                          width=0.85, showlegend=False, name="slots"))
-    for s in sorted(replaced):
+    for s in sorted(replaced - alone):
         fig.add_annotation(x=s, y=0.82, ax=layer_map[s], ay=1.18, xref="x", yref="y", axref="x", ayref="y",
                            showarrow=True, arrowhead=2, arrowwidth=1.5, arrowcolor=COLORS["shared"])
     groups = []
@@ -292,6 +294,9 @@ def slot_map(num_blocks: int, layer_map: Sequence[int], replaced_slots: Sequence
         fig.add_trace(go.Bar(x=[None], y=[None], marker_color=color, name=name))
     if n_slots > num_blocks:
         fig.add_trace(go.Bar(x=[None], y=[None], marker_color=COLORS["extra"], name="extra slot (extension)"))
+    if alone:
+        fig.add_trace(go.Bar(x=[None], y=[None], marker_color=COLORS["accent"],
+                             name="slot with no donor (own low-rank factors)"))
     width = max(num_blocks, n_slots)
     fig.update_xaxes(title="block id / slot id (0-based); the number in a slot is the base block it runs",
                      range=[-0.7, width - 0.3], **_block_ticks(width))
@@ -321,6 +326,26 @@ def loss_curve(steps: Sequence[int], losses: Sequence[float], title: str = "") -
     fig.update_xaxes(title="training step", tickformat="d", dtick=max(1, len(steps) // 10) if len(steps) < 40 else None)
     fig.update_yaxes(title="loss (nats/token)")
     return _base(fig, title or f"Recovery loss ({len(steps)} steps)", 340)
+
+
+@failsafe
+def slot_fit_bars(before: Mapping[str, float], after: Mapping[str, float], title: str = "") -> go.Figure:
+    """One bar pair per replaced slot: the share R^2 of its pruned block's residual update it reproduces,
+    before and after fitting it alone (0 = a plain drop of the block, 1 = a perfect stand-in)."""
+    if not after:
+        return message_figure("No slots fitted yet: press Fit slots.", "Slot fit")
+    slots = sorted(after, key=int)
+    fig = go.Figure()
+    if before:
+        fig.add_trace(go.Bar(x=slots, y=[before.get(s) for s in slots], name="before fitting",
+                             marker_color=COLORS["dropped"], hovertemplate="slot %{x}: R² %{y:.3f}<extra>before</extra>"))
+    fig.add_trace(go.Bar(x=slots, y=[after[s] for s in slots], name="after fitting", marker_color=COLORS["shared"],
+                         hovertemplate="slot %{x}: R² %{y:.3f}<extra>after</extra>"))
+    fig.add_hline(y=0, line=dict(color="#444", width=1))
+    fig.update_xaxes(title="replaced slot = pruned block id (0-based)", type="category")
+    fig.update_yaxes(title="R² of the block's update (0 = drop, 1 = exact)", range=[min(0.0, *after.values(), *(before or {0: 0}).values()) - 0.05, 1.0])
+    fig.update_layout(barmode="group")
+    return _base(fig, title or "How much of each pruned block each slot reproduces (on calibration text)", 340)
 
 
 @failsafe

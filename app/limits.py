@@ -33,6 +33,7 @@ SETTINGS: dict[str, tuple[int | None, int | None, str]] = {
     "build_mb_total": (4096, None, "MB of tensors all built models own together"),
     "rss_mb": (12 * 1024, None, "resident memory (MB) of the server above which new heavy jobs are refused"),
     "recover_steps": (100, 500, "recovery steps per run"),
+    "fit_steps": (200, 1000, "block-local fitting steps per slot (fit slots)"),
     "recover_batch": (4, 16, "windows per recovery step"),
     "seq_len": (256, 4096, "tokens per window (scores, recovery)"),
     "score_windows": (32, 256, "calibration windows for block scores and share error"),
@@ -66,6 +67,7 @@ class Limits:
     build_mb_total: int | None
     rss_mb: int | None
     recover_steps: int
+    fit_steps: int
     recover_batch: int
     seq_len: int
     score_windows: int
@@ -95,7 +97,7 @@ def _setting(env: dict, name: str, default: int | None) -> int | None:
     if raw is None or not raw.strip():
         return default
     if raw.strip().lower() in ("none", "off", "unlimited"):
-        if name in ("heavy_jobs", "max_sessions", "idle_seconds", "recover_steps", "recover_batch", "seq_len",
+        if name in ("heavy_jobs", "max_sessions", "idle_seconds", "recover_steps", "fit_steps", "recover_batch", "seq_len",
                     "score_windows", "new_tokens", "chat_chars", "history_chars", "upload_bytes"):
             raise ValueError(f"FLEXIGPT_{name.upper()} needs a number, got {raw!r}")
         return None

@@ -85,6 +85,7 @@ class Build:
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     recovered_steps: int = 0
+    fit: dict | None = None  # the last slot-fit report (flexigpt.slot_fit.SlotFitReport.to_dict())
     own_bytes: int = 0  # bytes of tensors this build holds beyond the shared base weights
 
 

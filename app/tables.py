@@ -81,7 +81,7 @@ def plan_table(num_blocks: int, layer_map: Sequence[int], method: str,
     ``prune`` and a kept block whose slot runs another block's weights names that block;
     ``extend`` plans are shown per slot by the figure, here every block reads ``keep``.
     """
-    layer_map = [int(b) for b in layer_map]
+    layer_map = [None if b is None else int(b) for b in layer_map]
     runs = {int(b): layer_map[s] for s, b in enumerate(sources)} if sources is not None else {}
     rows = []
     for b in range(num_blocks):
@@ -90,7 +90,7 @@ def plan_table(num_blocks: int, layer_map: Sequence[int], method: str,
             donor = runs[b] if not pruned and runs[b] != b else None
         elif method == "flexigpt":
             pruned = layer_map[b] != b
-            donor = layer_map[b] if pruned else None
+            donor = ("none" if layer_map[b] is None else layer_map[b]) if pruned else None
         elif method == "drop":
             pruned, donor = b not in layer_map, None
         else:

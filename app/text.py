@@ -84,8 +84,11 @@ the pruned block before the adapter is fitted: same size and speed, a closer sta
 
 BUILD_HELP = """
 **Build** applies the plan to a copy of the model (the base model is never changed), then measures
-a **quick preview perplexity** on a few held-out windows. **Recover** trains only the new adapters
-for a few steps and draws the loss live; **Stop** ends it after the current step.
+a **quick preview perplexity** on a few held-out windows. **Fit slots** (FlexiGPT builds) trains each
+replacement slot alone, on a few calibration windows, to reproduce the block it replaces, and draws
+one bar per slot: the share (R²) of that block's update the slot reproduces, where 0 is a plain drop
+and 1 an exact stand-in. **Recover** then trains only the new adapters end to end for a few steps and
+draws the loss live; **Stop** ends it after the current step.
 """
 
 COMPARE_HELP = """

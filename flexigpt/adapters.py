@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from flexigpt.arch import ArchSpec, get_submodule, set_submodule
 from flexigpt.shapes import capped_ranks
+from flexigpt.slots import ABSENT
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,8 @@ def attach_slot_adapters(slot: nn.Module, spec: ArchSpec, adapter: Any, *, hidde
     ranks = matrix_ranks(slot, spec, adapter.rank, adapter.targets)
     svd = pruned is not None and adapter.init in ("svd", "whitened")  # whitened: refined later with calibration data
     alignment, aligned = None, {}
-    if svd and adapter.align:
+    no_donor = any(getattr(m, ABSENT, False) for m in slot.modules())  # nothing to align: the fit is of W_pruned
+    if svd and adapter.align and not no_donor:
         # only aligned builds need the permutation search
         from flexigpt.align import align_donor, aligned_weights
 

@@ -55,6 +55,7 @@ class Shapes:
     block: int  # parameters of one block
     prenorms: int  # parameters of one block's pre-norms
     matrices: tuple[tuple[str, int, int], ...]  # (name, d_out, d_in)
+    linears: int = 0  # parameters of one block's linears (weights and biases)
 
     @property
     def matrix_shapes(self) -> dict[str, tuple[int, int]]:
@@ -115,6 +116,7 @@ def _shapes_cached(model_type: str, config_json: str) -> Shapes:
         block=sum(p.numel() for p in b0.parameters()),
         prenorms=sum(p.numel() for path in spec.norms for p in get_submodule(b0, path).parameters()),
         matrices=tuple((n, *m.weight.shape) for n, m in block_linears(b0, spec).items()),
+        linears=sum(p.numel() for m in block_linears(b0, spec).values() for p in m.parameters()),
     )
 
 

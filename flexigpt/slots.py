@@ -1,13 +1,17 @@
-"""How is a slot made from a block? Structural copies that share the base's tensors, and own pre-norms."""
+"""How is a slot made from a block? Structural copies that share the base's tensors, own pre-norms,
+and no-donor slots whose linears have no stored weights."""
 from __future__ import annotations
 
 import copy
 
+import torch
 import torch.nn as nn
 
-from flexigpt.arch import get_submodule, set_submodule
+from flexigpt.arch import ArchSpec, block_linears, get_submodule, set_submodule
 
-__all__ = ["own_prenorms", "structural_copy"]
+__all__ = ["ABSENT", "is_absent", "no_donor_copy", "own_prenorms", "structural_copy"]
+
+ABSENT = "_flexigpt_absent"  # attribute of a linear whose weight (and bias) is absent: zero, not stored
 
 
 def structural_copy(module: nn.Module) -> nn.Module:
@@ -22,3 +26,30 @@ def own_prenorms(slot: nn.Module, source: nn.Module, norms: tuple[str, ...]) -> 
     """Give ``slot`` its own pre-norms: real copies (new tensors) of ``source``'s."""
     for path in norms:
         set_submodule(slot, path, copy.deepcopy(get_submodule(source, path)))
+
+
+def is_absent(linear: nn.Module) -> bool:
+    """Whether ``linear`` is a no-donor slot's linear (zero weight, not stored, not trained)."""
+    return bool(getattr(linear, ABSENT, False))
+
+
+def no_donor_copy(block: nn.Module, spec: ArchSpec) -> nn.Module:
+    """A no-donor slot's module: ``block``'s structure with its own copies of every parameter except
+    the linears' weights and biases, which become zero buffers that are not saved (non-persistent).
+
+    The slot's LoRA (attached afterwards, the rank-r fit of the pruned block itself) is then all a
+    linear computes. Zero buffers, not a leaner module, because peft's LoRA wraps only real
+    ``nn.Linear`` layers and reads their weight's dtype and device.
+    """
+    linears = block_linears(block, spec)
+    skip = {id(p): p for m in linears.values() for p in m.parameters()}  # not copied: replaced below
+    module = copy.deepcopy(block, memo=dict(skip))
+    for lin in block_linears(module, spec).values():
+        for name in ("weight", "bias"):
+            p = getattr(lin, name, None)
+            if p is None:
+                continue
+            delattr(lin, name)
+            lin.register_buffer(name, torch.zeros(p.shape, dtype=p.dtype, device=p.device), persistent=False)
+        setattr(lin, ABSENT, True)
+    return module

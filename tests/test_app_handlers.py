@@ -75,6 +75,26 @@ def test_plan_render_and_edits(tiny_folder, request_):
     assert drop.method == "drop" and drop.layer_map == (0, 1, 3, 5)
 
 
+def test_no_donor_in_the_plan_editor(tiny_folder, request_):
+    """"none" in the donor menu gives a slot with no donor, drawn and tabled as such."""
+    plan = _plan(tiny_folder)
+    action, donors = plan_tab.on_pick_block(plan, 2)
+    assert plan_tab.NO_DONOR in donors["choices"]
+    alone = plan_tab.on_edit(plan, 2, "prune", plan_tab.NO_DONOR, request_)
+    assert alone.layer_map[2] is None and alone.pruned_blocks == plan.pruned_blocks
+    assert plan_tab.on_pick_block(alone, 2)[1]["value"] == plan_tab.NO_DONOR
+    fresh = plan_tab.on_edit(plan, 0, "prune", plan_tab.NO_DONOR, request_)  # a kept block, pruned with no donor
+    assert fresh.layer_map[0] is None
+    fig, params, table, code, message, path, _ = plan_tab.on_render(alone, request_)
+    assert list(table["donor (0-based)"])[2] == "none" and "2←no donor" in message
+    assert json.loads(open(path).read())["layer_map"][2] is None
+    slots = fig.data[1]
+    assert slots.text[2] == "–" and "no donor" in slots.hovertext[2]
+    drop = plan_tab.on_method(plan, "drop (ShortGPT)", 0.3, 8, request_)
+    with pytest.raises(gr.Error, match="applies to FlexiGPT plans"):
+        plan_tab.on_edit(drop, 2, "prune", plan_tab.NO_DONOR, request_)
+
+
 def test_bad_plan_edits_are_gradio_errors_not_tracebacks(tiny_folder, request_):
     plan = _plan(tiny_folder)
     with pytest.raises(gr.Error, match="block 1 is the donor of slots"):
@@ -167,6 +187,17 @@ def test_story_on_the_tiny_model(tiny_folder, tiny_text_file, request_, monkeypa
     status, choices, builds = build_tab.on_build(plan, data, True, 0, request_)
     assert builds == 1 and "flexigpt 33% r4" in status and "drop 33%" in status and "heldout" in status
     assert choices["value"] == "flexigpt 33% r4"
+    # fit slots: each replaced slot trained alone; one R^2 bar pair per slot, never worse than before
+    fig, msg = build_tab.on_fit("flexigpt 33% r4", 3, data, request_)
+    after = dict(zip(fig.data[-1].x, fig.data[-1].y))
+    before = dict(zip(fig.data[0].x, fig.data[0].y))
+    assert sorted(after, key=int) == [str(s) for s in plan.replaced_slots] and "mean R²" in msg
+    assert all(after[s] >= before[s] - 1e-6 for s in after)
+    assert session.work(request_.session_hash).builds["flexigpt 33% r4"].fit["steps"] == 3
+    with pytest.raises(gr.Error, match="no replacement slots"):
+        build_tab.on_fit("drop 33%", 3, data, request_)
+    with pytest.raises(gr.Error, match="fit steps per slot"):
+        build_tab.on_fit("flexigpt 33% r4", 0, data, request_)
     outs = list(build_tab.on_recover("flexigpt 33% r4", 2, 1, 64, 1e-3, data, builds, request_))
     assert len(outs) == 4  # start, 2 steps, final
     assert "Recovery finished after 2 steps" in outs[-1][1] and outs[-1][2] == 2

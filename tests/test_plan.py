@@ -39,7 +39,7 @@ def test_views_drop_and_extend():
         (dict(layer_map=(0, 1, 1, 3), method="drop"), "[0, 1, 1, 3]"),  # duplicate in drop
         (dict(layer_map=(0, 2, 1), method="drop"), "[0, 2, 1]"),
         (dict(layer_map=(0, 1, 2, 3, 4, 5), method="prune"), "'prune'"),
-        (dict(layer_map=(0, 1, 2, 3, 4, 5), format_version=4), "4"),  # format 3 is the newest
+        (dict(layer_map=(0, 1, 2, 3, 4, 5), format_version=5), "5"),  # format 4 is the newest
         (dict(layer_map=(0, 1.5, 2, 3, 4, 5)), "1.5"),
         (dict(layer_map=(0, "1", 2, 3, 4, 5)), "'1'"),
         (dict(layer_map=(0, True, 2, 3, 4, 5)), "True"),

@@ -57,6 +57,7 @@ def on_propose(ratio: float, method_label: str, rank: int, request: gr.Request =
 
 
 HAND_DONORS = "hand_donors"  # plan note: pruned blocks whose donor was picked by hand
+NO_DONOR = "none"  # the donor menu's entry for a slot with no donor (its own low-rank factors only)
 
 
 def _hand_donors(plan) -> set[int]:
@@ -154,6 +155,11 @@ def on_edit(plan, block, action: str, donor, request: gr.Request = None):
         return plan.keep(b)
     if action != "prune":
         raise ValueError(f"action must be 'keep' or 'prune', got {action!r}")
+    if donor == NO_DONOR:
+        if not plan.method_spec.allows_no_donor:
+            raise ValueError(f"'{NO_DONOR}' applies to FlexiGPT plans; this plan's method is {plan.method!r}")
+        plan = plan.with_notes(**{HAND_DONORS: ",".join(map(str, sorted(_hand_donors(plan) | {b})))})
+        return (plan if b in plan.pruned_blocks else plan.drop(b)).with_donor(b, None)
     d = None if donor in (None, "", AUTO) else limits.check_int("donor", donor, 0, plan.num_blocks - 1)
     if d is None and plan.method_spec.chooses_donors:
         from flexigpt.plan import suggested_donor
@@ -179,7 +185,9 @@ def on_pick_block(plan, block):
     pruned = b in plan.pruned_blocks
     kept = [k for k in plan.kept_blocks if k != b]
     current = plan.layer_map[b] if plan.method_spec.chooses_donors and pruned else AUTO
-    return gr.update(value="prune" if pruned else "keep"), gr.update(choices=[AUTO] + kept, value=current)
+    none = [NO_DONOR] if plan.method_spec.allows_no_donor else []
+    return (gr.update(value="prune" if pruned else "keep"),
+            gr.update(choices=[AUTO] + kept + none, value=NO_DONOR if current is None else current))
 
 
 def plan_message(plan, info: dict, counts) -> str:
@@ -187,7 +195,7 @@ def plan_message(plan, info: dict, counts) -> str:
     base = info["num_parameters"]
     lines = []
     if plan.method == "flexigpt":
-        pairs = ", ".join(f"{b}←{d}" for b, d in sorted(plan.donors.items())) or "none"
+        pairs = ", ".join(f"{b}←{'no donor' if d is None else d}" for b, d in sorted(plan.donors.items())) or "none"
         lines.append(f"**FlexiGPT**: {len(plan.pruned_blocks)} of {plan.num_blocks} blocks pruned; their slots "
                      f"reuse a donor (pruned ← donor, 0-based): {pairs}; adapter rank {plan.adapter.rank}.")
     elif plan.method == "foldgpt":
@@ -209,7 +217,7 @@ def plan_message(plan, info: dict, counts) -> str:
     if plan.method_spec.chooses_donors and plan.donors:
         from flexigpt.sharing import degeneracy_warning
 
-        warn = degeneracy_warning({int(k): int(v) for k, v in plan.donors.items()})
+        warn = degeneracy_warning({int(k): int(v) for k, v in plan.donors.items() if v is not None})
         if warn:
             lines.append(f"⚠️ {warn}")
     if 0 in plan.pruned_blocks:

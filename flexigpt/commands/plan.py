@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=float, default=None, help="fraction of blocks to prune (or to copy for extend), 0..0.9")
     p.add_argument("--drop", default="", help="extra blocks to prune, e.g. 3,12")
     p.add_argument("--keep", default="", help="blocks to keep, e.g. 5")
-    p.add_argument("--donor", action="append", default=[], help="set a donor: PRUNED=DONOR, e.g. 12=11 (repeatable)")
+    p.add_argument("--donor", action="append", default=[], help="set a donor: PRUNED=DONOR, e.g. 12=11, or PRUNED=none for a slot with no donor "
+                   "(its own low-rank factors only; repeatable)")
     p.add_argument("--method", choices=method_names(), default=None,
                    help="; ".join(f"{m.name}: {m.description}" for m in methods()))
     for m in methods():
@@ -100,9 +101,10 @@ def run(args: argparse.Namespace) -> dict:
     donors = {}
     for item in args.donor:
         pruned, sep, donor = item.partition("=")
-        if not sep or not pruned.strip().isdigit() or not donor.strip().isdigit():
-            raise ValueError(f"--donor expects PRUNED=DONOR with block ids, got {item!r}")
-        donors[int(pruned)] = int(donor)
+        none = donor.strip().lower() == "none"
+        if not sep or not pruned.strip().isdigit() or not (donor.strip().isdigit() or none):
+            raise ValueError(f"--donor expects PRUNED=DONOR with block ids (or PRUNED=none), got {item!r}")
+        donors[int(pruned)] = None if none else int(donor)
     if args.gates_steps and (args.method != "foldgpt" or not args.analysis):
         raise ValueError(f"--gates-steps {args.gates_steps} needs --method foldgpt and --analysis")
     if args.analysis:
@@ -135,6 +137,8 @@ def run(args: argparse.Namespace) -> dict:
         plan = plan.keep(b)
     for b in drops:
         plan = plan.drop(b, donors.get(b))
+        if b in donors and donors[b] is None:
+            plan = plan.with_donor(b, None)
     for b, d in donors.items():
         if b not in drops:
             plan = plan.with_donor(b, d)

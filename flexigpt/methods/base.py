@@ -64,6 +64,7 @@ class Method:
     has_adapters: ClassVar[bool] = False  # replaced slots carry LoRA and output norms (rank matters)
     proposable: ClassVar[bool] = True  # ``plan_from_scores`` can make one from a pruned set
     uses_sources: ClassVar[bool] = False  # the plan's ``sources`` field (slot -> block it stands for)
+    allows_no_donor: ClassVar[bool] = False  # a replaced slot may run no donor (``layer_map`` entry ``None``)
 
     # ---- validation and views ------------------------------------------------------
     def validate(self, plan) -> None:

@@ -7,6 +7,11 @@ structural copy of donor ``d`` (the donor's tensors, its own modules) whose LoRA
 low-rank fit of ``W_s - W_d`` and whose output norms start tiny, so the slot starts near the
 identity. Donors must be kept blocks.
 
+A slot may have **no donor** (``layer_map[s] is None``, ``null`` in plan.json, format 4): it
+runs only its own rank-r factors of the pruned block (the LoRA; the linears' dense weights are
+absent, ``flexigpt.slots.no_donor_copy``) with its own pre-norms and output norms, and recovers
+the same way. It is the ablation that answers "does sharing a donor's weights help at all?".
+
 Paper: FlexiGPT (Smith et al., NAACL 2025), https://arxiv.org/abs/2501.14713
 """
 from __future__ import annotations
@@ -18,15 +23,19 @@ from flexigpt.methods.base import BuildContext, Method, nearest_kept
 __all__ = ["AdapterSlots", "FlexiGPT", "adapter_estimate", "build_adapter_slot"]
 
 
-def build_adapter_slot(ctx: BuildContext, plan, *, donor: int, norm_source: int, pruned: int | None):
+def build_adapter_slot(ctx: BuildContext, plan, *, donor: int | None, norm_source: int, pruned: int | None):
     """A slot that runs ``donor``'s tensors with its own pre-norms (copied from ``norm_source``),
-    LoRA (initialised against base block ``pruned``, or standard init when ``None``) and output norms."""
+    LoRA (initialised against base block ``pruned``, or standard init when ``None``) and output norms.
+    ``donor=None``: no donor; the slot's linears have no dense weights, only its LoRA."""
     # torch-heavy modules: imported when a model is built, so `import flexigpt.plan` stays light
     from flexigpt.adapters import attach_slot_adapters
-    from flexigpt.slots import own_prenorms, structural_copy
+    from flexigpt.slots import no_donor_copy, own_prenorms, structural_copy
 
-    module = structural_copy(ctx.copies[donor])  # own module objects, donor's tensors
-    own_prenorms(module, ctx.base_blocks[norm_source], ctx.spec.norms)
+    if donor is None:
+        module = no_donor_copy(ctx.base_blocks[norm_source], ctx.spec)  # its own norms, absent linears
+    else:
+        module = structural_copy(ctx.copies[donor])  # own module objects, donor's tensors
+        own_prenorms(module, ctx.base_blocks[norm_source], ctx.spec.norms)
     target = ctx.base_blocks[pruned] if (pruned is not None and ctx.init_adapters) else None
     ctx.ranks = attach_slot_adapters(module, ctx.spec, plan.adapter, hidden_size=ctx.hidden, pruned=target,
                                      config=ctx.base.config)
@@ -41,9 +50,12 @@ def adapter_estimate(plan, shapes, adapter, replaced) -> tuple[int, int, int]:
     out_norm = 2 * (2 * shapes.hidden if adapter.out_norm == "layernorm" else shapes.hidden)  # attention + MLP
     per_slot = lora + out_norm + shapes.prenorms
     trainable_slot = lora + out_norm + (shapes.prenorms if adapter.train_prenorms else 0)
-    stored_blocks = len(set(plan.layer_map))
-    stored = shapes.nonblock + stored_blocks * shapes.block + R * per_slot
-    run = shapes.nonblock + plan.num_slots * shapes.block + R * (lora + out_norm)
+    stored_blocks = len({b for b in plan.layer_map if b is not None})
+    # a no-donor slot also owns the block's other non-linear parameters, and runs no dense linear
+    own_rest = shapes.block - shapes.linears - shapes.prenorms
+    none = sum(1 for b in plan.layer_map if b is None)
+    stored = shapes.nonblock + stored_blocks * shapes.block + R * per_slot + none * own_rest
+    run = shapes.nonblock + plan.num_slots * shapes.block + R * (lora + out_norm) - none * shapes.linears
     return stored, run, R * trainable_slot
 
 
@@ -67,12 +79,18 @@ class FlexiGPT(AdapterSlots):
     label = "FlexiGPT (share a donor + adapter)"
     description = "each pruned block's slot runs a kept donor's weights plus its own low-rank adapter and output norm"
     chooses_donors = True
+    allows_no_donor = True
+
+    def required_version(self, plan) -> int:
+        return 4 if None in plan.layer_map else self.format_version
 
     def validate(self, plan) -> None:
         lm, L = plan.layer_map, plan.num_blocks
         if len(lm) != L:
             raise ValueError(f"a flexigpt layer_map has one slot per block ({L}), got {len(lm)} slots: {list(lm)}")
-        bad = {s: d for s, d in enumerate(lm) if d != s and lm[d] != d}
+        if all(d != s for s, d in enumerate(lm)):
+            raise ValueError(f"cannot prune all {L} blocks: at least one must stay")
+        bad = {s: d for s, d in enumerate(lm) if d is not None and d != s and lm[d] != d}
         if bad:
             s, d = next(iter(bad.items()))
             raise ValueError(f"slot {s} uses donor block {d}, but block {d} is itself pruned; donors must be kept blocks")
@@ -94,7 +112,9 @@ class FlexiGPT(AdapterSlots):
         kept = [b for b in range(plan.num_blocks) if b not in pruned]
         if not kept:
             raise ValueError(f"cannot prune all {plan.num_blocks} blocks: at least one must stay as a donor")
-        lm = tuple(b if b not in pruned else donors.get(b, nearest_kept(b, kept)) for b in range(plan.num_blocks))
+        # a donor of None (given explicitly) means no donor
+        lm = tuple(b if b not in pruned else donors[b] if b in donors else nearest_kept(b, kept)
+                   for b in range(plan.num_blocks))
         return dataclasses.replace(plan, method=self.name, layer_map=lm, sources=None, extend=None)
 
     def drop(self, plan, block, donor):

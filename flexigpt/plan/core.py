@@ -37,7 +37,8 @@ class Plan(PlanEdits, PlanJSON):
     Attributes:
         base_model: the model reference (``default``, a folder, a hub id).
         num_blocks: depth of the base model.
-        layer_map: the block every slot runs (see the method's module).
+        layer_map: the block every slot runs (see the method's module); ``None`` for a
+            flexigpt slot with no donor (plan format 4).
         method: a registered method name (``flexigpt.methods.method_names()``).
         adapter: the per-slot adapter and output-norm settings.
         extend: the layout of an ``extend`` plan (``None`` for other methods).
@@ -52,7 +53,7 @@ class Plan(PlanEdits, PlanJSON):
 
     base_model: str
     num_blocks: int
-    layer_map: tuple[int, ...]
+    layer_map: tuple[int | None, ...]
     method: str = "flexigpt"
     adapter: AdapterSpec = field(default_factory=AdapterSpec)
     extend: ExtendSpec | None = None
@@ -76,6 +77,12 @@ class Plan(PlanEdits, PlanJSON):
         if not self.layer_map:
             raise ValueError("layer_map is empty: the model would have no blocks")
         for s, b in enumerate(self.layer_map):
+            if b is None:
+                if not method.allows_no_donor:
+                    users = [m for m in method_names() if get_method(m).allows_no_donor]
+                    raise ValueError(f"layer_map[{s}] is null (a slot with no donor), which only "
+                                     f"{' or '.join(map(repr, users))} plans allow; got method {self.method!r}")
+                continue
             check_int(b, f"layer_map[{s}]", 0, L - 1)
         method.validate(self)
         if self.sources is not None and not method.uses_sources:
@@ -123,6 +130,8 @@ class Plan(PlanEdits, PlanJSON):
                              f"{self.required_version}; got {self.format_version!r}")
 
     def _newest_feature(self) -> str:
+        if None in self.layer_map and self.required_version == 4:
+            return "a slot with no donor (null in layer_map)"
         if self.kept_lora_rank is not None and self.required_version == 3:
             return "kept_lora_rank"
         if self.adapter.required_version == self.required_version:
@@ -188,7 +197,8 @@ class Plan(PlanEdits, PlanJSON):
         """Slots that run the same stored weights, one tuple per stored block, by first slot."""
         by_block: dict[int, list[int]] = {}
         for s, b in enumerate(self.layer_map):
-            by_block.setdefault(b, []).append(s)
+            if b is not None:  # a no-donor slot runs no stored block
+                by_block.setdefault(b, []).append(s)
         return tuple(sorted((tuple(v) for v in by_block.values()), key=lambda g: g[0]))
 
     @property

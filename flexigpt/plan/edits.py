@@ -39,15 +39,18 @@ class PlanEdits:
         """Restore ``block`` to its own slot."""
         return self.method_spec.keep(self, self._check_block(block))
 
-    def with_donor(self, block: int, donor: int):
-        """Make pruned ``block``'s slot run ``donor`` (a kept block)."""
+    def with_donor(self, block: int, donor: int | None):
+        """Make pruned ``block``'s slot run ``donor`` (a kept block), or no donor (``None``: the slot
+        runs only its own low-rank factors of the block; flexigpt plans, format 4)."""
         b = self._check_block(block)
         if not self.method_spec.chooses_donors:
             raise ValueError(f"donors are chosen by hand only in flexigpt plans, this plan's method is {self.method!r}")
         if donor == b:
             raise ValueError(f"block {b} cannot be its own donor; use keep({b}) to restore it")
+        if donor is None and not self.method_spec.allows_no_donor:
+            raise ValueError(f"a {self.method!r} slot cannot go without a donor")
         lm = list(self.layer_map)
-        lm[b] = check_int(donor, "donor", 0, self.num_blocks - 1)
+        lm[b] = None if donor is None else check_int(donor, "donor", 0, self.num_blocks - 1)
         return dataclasses.replace(self, layer_map=tuple(lm))
 
     def with_method(self, method: str, donors: Mapping[int, int] | None = None, *, group_size: int | None = None):

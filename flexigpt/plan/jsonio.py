@@ -5,7 +5,8 @@ feature is byte-for-byte the file older releases read; every listed version load
 
 * 1: flexigpt, drop, extend;
 * 2: ``foldgpt`` (the ``sources`` key) and ``adapter.align``;
-* 3: ``kept_lora_rank`` (kept-block LoRA is part of the plan) and ``adapter.init: "whitened"``.
+* 3: ``kept_lora_rank`` (kept-block LoRA is part of the plan) and ``adapter.init: "whitened"``;
+* 4: ``null`` in a flexigpt ``layer_map``: a replaced slot with no donor.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from flexigpt.plan.specs import AdapterSpec, ExtendSpec
 
 __all__ = ["FORMAT_VERSION", "MAX_JSON_BYTES", "READABLE_VERSIONS", "PlanJSON"]
 
-FORMAT_VERSION = 3  # the newest plan format this version reads and writes
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # the newest plan format this version reads and writes
+READABLE_VERSIONS = (1, 2, 3, 4)
 MAX_JSON_BYTES = 1_000_000
 _KEYS = ("format_version", "base_model", "num_blocks", "method", "layer_map", "adapter", "extend", "notes", "sources",
          "kept_lora_rank")
