@@ -219,7 +219,8 @@ def similarity_heatmap(sim: Sequence[Sequence[float | None]]) -> go.Figure:
 
 @failsafe
 def slot_map(num_blocks: int, layer_map: Sequence[int], replaced_slots: Sequence[int] = (),
-             title: str = "", *, sources: Sequence[int] | None = None) -> go.Figure:
+             title: str = "", *, sources: Sequence[int] | None = None,
+             spans: Sequence[Sequence[int]] = (), span_label: str = "") -> go.Figure:
     """Base blocks (top row) and the new model's slots (bottom row), with an arrow from each donor.
 
     Args:
@@ -229,6 +230,8 @@ def slot_map(num_blocks: int, layer_map: Sequence[int], replaced_slots: Sequence
         sources: FoldGPT plans only: the base block each slot stands for (its own pre-norms come
             from it). Slots that run another block's weights are then drawn as shared and every
             group of slots running the same weights is framed.
+        spans: span methods only: ``(start, end)`` runs of base blocks replaced as one, framed on
+            the top row and labelled ``span_label`` (e.g. "one linear map").
     """
     layer_map = [None if b is None else int(b) for b in layer_map]  # None: a FlexiGPT slot with no donor
     fold = sources is not None
@@ -286,6 +289,11 @@ def slot_map(num_blocks: int, layer_map: Sequence[int], replaced_slots: Sequence
             if len(g) > 1:
                 fig.add_shape(type="rect", x0=g[0] - 0.49, x1=g[-1] + 0.49, y0=-0.04, y1=0.84, xref="x", yref="y",
                               line=dict(color=COLORS["shared"], width=2, dash="dot"), fillcolor="rgba(0,0,0,0)")
+    for start, end in spans:
+        fig.add_shape(type="rect", x0=start - 0.49, x1=end - 0.51, y0=1.16, y1=2.04, xref="x", yref="y",
+                      line=dict(color=COLORS["accent"], width=2, dash="dot"), fillcolor="rgba(0,0,0,0)")
+        fig.add_annotation(x=(start + end - 1) / 2, y=2.04, text=f"blocks {start}-{end - 1} → {span_label or 'one'}",
+                           showarrow=False, yanchor="bottom", font=dict(size=11, color=COLORS["accent"]))
     legend = [("kept block", COLORS["kept"]), ("dropped block", COLORS["dropped"]),
               ("slot sharing a donor's weights", COLORS["shared"])]
     if fold:
@@ -301,7 +309,7 @@ def slot_map(num_blocks: int, layer_map: Sequence[int], replaced_slots: Sequence
     fig.update_xaxes(title="block id / slot id (0-based); the number in a slot is the base block it runs",
                      range=[-0.7, width - 0.3], **_block_ticks(width))
     fig.update_yaxes(tickmode="array", tickvals=[0.4, 1.6], ticktext=["new model<br>slots", "base model<br>blocks"],
-                     range=[-0.08, 2.1], showgrid=False, zeroline=False)
+                     range=[-0.08, 2.35 if spans else 2.1], showgrid=False, zeroline=False)
     depth = f"{n_slots} slots from {len(used)} stored blocks (base: {num_blocks})"
     if fold:
         depth += f"; {sum(len(g) > 1 for g in groups)} groups sharing weights (dotted frames)"

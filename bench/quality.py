@@ -13,7 +13,16 @@ the same recovery data, steps and tokens for every trained row:
                              gate learning-rate multiplier)
 - flexigpt r8 (whitened)     whitened init with closed-form output scales
 - flexigpt r8 (+ fit N)      whitened init plus block-local fitting of each slot before recovery
+- flexigpt r8 no donor       every slot runs only its own rank-8 factors of its pruned block (no
+                             shared donor weights): does sharing a donor help at all?
 - flexigpt r32 (defaults)    the same at rank 32
+- replaceme                  ReplaceMe: the lowest angular-distance span of as many blocks, cut, and
+                             one least-squares linear map folded into the block before it (no training)
+- replaceme + LoRA (=r8)     the same recovered with LoRA on the kept blocks at FlexiGPT r8's budget
+- streamline                 LLM-Streamline: the same span replaced by one block trained locally
+                             (--fit-steps, default 200), then recovered (the whole block trains)
+- drop (iterative)           SLEB: blocks removed one at a time by calibration perplexity; alone
+                             and + LoRA (=r8)
 - foldgpt gG (...)           FoldGPT with its cure (distillation incl. the last-block hidden state)
 
 Columns: held-out perplexity at the start (after init and local fit, before any end-to-end step)
@@ -81,7 +90,21 @@ def _rows(args, analysis, base) -> tuple[list[Row], Plan]:
     rows.append(Row("flexigpt r8 (whitened, gate lr)", first.with_adapter(init="whitened")))
     rows.append(Row(f"flexigpt r8 (whitened + fit {args.fit_steps})", first.with_adapter(init="whitened"),
                     fit_steps=args.fit_steps))
+    alone = first
+    for blk in first.pruned_blocks:
+        alone = alone.with_donor(blk, None)
+    rows.append(Row(f"flexigpt r8 no donor (defaults: {defaults.init}, gate lr)", alone))
     rows.append(Row(f"flexigpt r32 (defaults: {defaults.init})", flexi[32]))
+    n = len(first.pruned_blocks)
+    spans = {m: plan_from_analysis(analysis, args.ratio, method=m) for m in ("replaceme", "streamline")}
+    rows.append(Row("drop (replaceme's span)", spans["replaceme"].with_method("drop"), trained=False))
+    rows.append(Row("replaceme", spans["replaceme"], trained=False))
+    rows.append(Row("replaceme + LoRA (=r8)", spans["replaceme"].with_kept_lora(matched_lora_rank(first, base))))
+    rows.append(Row(f"streamline (local fit {args.fit_steps or 200}, then recovery)", spans["streamline"],
+                    fit_steps=args.fit_steps or 200))
+    rows.append(Row("drop (iterative selection)", None, trained=False))
+    rows.append(Row("drop (iterative) + LoRA (=r8)", None))
+    assert all(len(p.pruned_blocks) == n for p in spans.values())
     rows.append(Row(f"foldgpt g{args.group_size} (cure: distill + tail, gate lr)", None,
                     spec={"objective": "distill", "hidden_weight": args.fold_hidden_weight}))
     return rows, first
@@ -127,7 +150,19 @@ def main() -> None:
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     if only:
         rows = [r for r in rows if r.name == "original" or any(r.name.startswith(o) for o in only)]
+    iterative = None
     for row in rows:
+        if row.name.startswith("drop (iterative"):
+            if iterative is None:
+                from flexigpt.selection import iterative_selection
+
+                sel = iterative_selection(base, token_windows(tok, args.data, seq_len=128, split="train",
+                                                              max_windows=8), len(first.pruned_blocks))
+                bi_drop = first.with_method("drop")
+                iterative = bi_drop.method_spec.from_pruned(bi_drop, set(sel.removed()))
+                print(f"iterative selection (SLEB, 8 x 128 calibration tokens, {sel.seconds:.0f} s): removed "
+                      f"{sel.removed()} (one-shot BI: {list(first.pruned_blocks)})")
+            row.plan = iterative if not row.trained else iterative.with_kept_lora(matched_lora_rank(first, base))
         if row.name.startswith("foldgpt"):
             from flexigpt.gates import GateSpec, train_gates
             from flexigpt.plan import foldgpt_plan

@@ -56,21 +56,21 @@ def recipe(plan: Plan, base: nn.Module, *, recovering: bool, kept_lora_rank: int
 
 
 def needs_calibration(plan: Plan, fit_steps: int = 0) -> bool:
-    """Whether building ``plan`` reads calibration windows (whitened init or local fitting)."""
-    fits = plan.method_spec.has_adapters and bool(plan.replaced_slots) and plan.method == "flexigpt"
-    return fits and (plan.adapter.init == "whitened" or fit_steps > 0)
+    """Whether building ``plan`` reads calibration windows (the plan's method decides: whitened
+    init or local fitting of FlexiGPT slots, ReplaceMe's span maps, Streamline's span blocks)."""
+    return plan.method_spec.needs_calibration(plan, fit_steps)
 
 
 def build(base: nn.Module, plan: Plan, *, calibration: Windows | None = None, fit_steps: int = 0,
           progress: Callable[[float, str], None] | None = None, report: dict | None = None) -> nn.Module:
-    """Build ``plan`` from ``base`` (which stays unchanged) and initialise its slots.
+    """Build ``plan`` from ``base`` (which stays unchanged) and fit it to the original where the
+    method does so (``Method.calibrate``), before any end-to-end step.
 
-    With ``adapter.init == "whitened"`` each replaced slot's LoRA starts from the whitened fit of
-    ``W_pruned - W_donor`` (it reproduces the pruned block's linears on the calibration inputs)
-    and each output-norm gamma/beta is set in closed form by least squares against the pruned
-    block's own sub-layer outputs, so a poor fit opens a little and a good one wide. With
-    ``fit_steps > 0`` every slot is then trained alone to reproduce its pruned block's output
-    (block-local fitting, MSE on cached activations of the original model).
+    For ``flexigpt`` with ``adapter.init == "whitened"`` each replaced slot's LoRA starts from the
+    whitened fit of ``W_pruned - W_donor`` and each output-norm gamma/beta is set in closed form;
+    with ``fit_steps > 0`` every slot is then trained alone to reproduce its pruned block's output
+    (block-local fitting). ``replaceme`` fits each span's linear map; ``streamline`` trains each
+    span's block (``fit_steps`` steps, or its default when 0).
 
     Args:
         base: the base model.
@@ -78,7 +78,7 @@ def build(base: nn.Module, plan: Plan, *, calibration: Windows | None = None, fi
         calibration: train-split windows of the original model's text (see ``needs_calibration``).
         fit_steps: block-local fitting steps per slot (0: none).
         progress: ``progress(fraction, message)`` callback.
-        report: filled with ``fit`` (per-slot residuals, R^2 and seconds) when given.
+        report: filled with what the fit measured (per-slot residuals, R^2, span errors, seconds).
 
     Raises:
         ValueError: calibration windows missing where needed, and every ``apply_plan`` error.
@@ -86,39 +86,15 @@ def build(base: nn.Module, plan: Plan, *, calibration: Windows | None = None, fi
     if progress:
         progress(0.0, f"building the {plan.method} model")
     model = apply_plan(base, plan)
-    if not needs_calibration(plan, fit_steps):
+    method = plan.method_spec
+    if not method.needs_calibration(plan, fit_steps):
         return model.eval()
     if calibration is None:
-        raise ValueError("this build fits its slots to the pruned blocks' outputs (whitened init or local fitting); "
-                         "pass calibration windows (or use adapter init 'svd' and fit_steps 0)")
-    # the fitting modules hook the original model: loaded only for builds that fit
-    from flexigpt.block_io import collect_block_io
-    from flexigpt.slot_fit import fit_slots
-    from flexigpt.slot_init import whitened_slot_init
-    from flexigpt.slot_scales import closed_form_scales_
-
+        raise ValueError(f"building this {plan.method} plan fits it to the original model's activations; pass "
+                         "calibration windows" + (" (or use adapter init 'svd' and fit_steps 0)"
+                                                  if plan.method == "flexigpt" else ""))
     start = time.perf_counter()
-    out: dict[str, Any] = {}
-    if plan.adapter.init == "whitened":
-        if progress:
-            progress(0.1, "fitting each slot's adapter to its pruned block (whitened low rank)")
-        residuals = whitened_slot_init(model, base, calibration)
-        out["whitened_residual"] = {str(s): round(sum(r.values()) / len(r), 4) for s, r in residuals.items()}
-    cache = collect_block_io(base, calibration, sorted(plan.replaced_slots))
-    if plan.adapter.init == "whitened":
-        if progress:
-            progress(0.4, "setting each slot's output scales in closed form")
-        scales = closed_form_scales_(model, base, cache=cache)
-        out["scale_r2"] = {str(s): v for s, v in scales.items()}
-    if fit_steps > 0:
-        def step(slot: int, done: int, total: int) -> None:
-            if progress:
-                progress(0.5 + 0.5 * done / max(total, 1), f"fitting slot {slot} alone ({done}/{total} steps)")
-
-        fitted = fit_slots(model, base, cache=cache, steps=fit_steps, callback=step)
-        out["r2"] = {str(f.slot): round(f.r2_after, 4) for f in fitted.slots}
-        out["r2_before"] = {str(f.slot): round(f.r2_before, 4) for f in fitted.slots}
-        out["fit_steps"] = fit_steps
+    out = dict(method.calibrate(model, base, plan, calibration, fit_steps=fit_steps, progress=progress))
     out["fit_seconds"] = round(time.perf_counter() - start, 2)
     if report is not None:
         report.update(out)

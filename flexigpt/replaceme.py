@@ -38,7 +38,8 @@ import torch.nn as nn
 
 from flexigpt.arch import SUPPORTED, ArchSpec, arch_of, get_blocks, get_submodule, set_blocks
 from flexigpt.residual_states import block_states, window_ids
-from flexigpt.surgery import structural_copy
+from flexigpt.spans import check_spans, lowest_spans
+from flexigpt.slots import structural_copy
 
 log = logging.getLogger(__name__)
 
@@ -64,50 +65,6 @@ class SpanFit:
     transform: torch.Tensor
     tokens: int
     error_vs_drop: float
-
-
-def check_spans(spans: Sequence[Sequence[int]], num_blocks: int, *, allow_first: bool = False) -> list[Span]:
-    """Validate spans and return them as sorted ``(start, end)`` tuples.
-
-    Args:
-        spans: ``[start, end)`` pairs of 0-based block ids.
-        num_blocks: blocks in the model.
-        allow_first: accept a span starting at block 0 (ReplaceMe needs a block before the span
-            and refuses it; a trained replacement block does not).
-
-    Raises:
-        ValueError: a malformed, empty, out-of-range or overlapping span, a span at block 0 when
-            not allowed, or spans that together remove every block; the message names the span
-            and the valid range.
-    """
-    if not isinstance(num_blocks, int) or num_blocks < 2:
-        raise ValueError(f"a model needs at least 2 blocks to cut a span, got num_blocks={num_blocks!r}")
-    if isinstance(spans, (str, bytes)) or not isinstance(spans, Sequence) or not spans:
-        raise ValueError(f"spans must be a non-empty list of [start, end) pairs, got {spans!r:.200}")
-    L, low = num_blocks, 0 if allow_first else 1
-    out: list[Span] = []
-    for span in spans:
-        ok = isinstance(span, Sequence) and not isinstance(span, (str, bytes)) and len(span) == 2 \
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
-        if not ok:
-            raise ValueError(f"span {span!r:.80} must be a [start, end) pair of integer block ids")
-        start, end = int(span[0]), int(span[1])
-        if start == 0 and end >= L:
-            raise ValueError(f"span [{start}, {end}) covers the whole model; a span must keep at least one of {L} blocks")
-        if not 0 <= start < end <= L:
-            raise ValueError(f"span [{start}, {end}) is out of range or empty; valid: {low} <= start < end <= {L}")
-        if start < low:
-            raise ValueError(f"span [{start}, {end}) starts at block 0, which has no block before it to fold the "
-                             f"linear map into; valid starts: 1..{L - 1}")
-        out.append((start, end))
-    out.sort()
-    for (s0, e0), (s1, e1) in zip(out, out[1:]):
-        if s1 < e0:
-            raise ValueError(f"span [{s1}, {e1}) overlaps span [{s0}, {e0}); spans must not share a block")
-    removed = sum(e - s for s, e in out)
-    if removed >= L:
-        raise ValueError(f"spans {[list(s) for s in out]} remove all {L} blocks; at most {L - 1} can be removed")
-    return out
 
 
 def _down_proj(block: nn.Module, spec: ArchSpec) -> nn.Linear:
@@ -346,16 +303,5 @@ def lowest_distance_spans(distances_or_model: Any, length: int, count: int = 1, 
         raise ValueError(f"span length {length!r} is outside 1..{min(max_span, L - 1)}")
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise ValueError(f"count must be an integer >= 1, got {count!r}")
-    row = table[length - 1]
-    starts = [l for l in range(0 if allow_first else 1, L - length + 1) if math.isfinite(float(row[l]))]
-    starts.sort(key=lambda l: (float(row[l]), l))
-    chosen: list[Span] = []
-    for l in starts:
-        if all(l + length <= s or e <= l for s, e in chosen):
-            chosen.append((l, l + length))
-            if len(chosen) == count:
-                break
-    if len(chosen) < count or count * length >= L:
-        raise ValueError(f"{count} non-overlapping span(s) of {length} blocks do not fit in {L} blocks "
-                         f"(found {len(chosen)}); lower count or length")
-    return sorted(chosen)
+    row = [float(v) for v in table[length - 1].tolist()]
+    return lowest_spans(row, length, L, count, allow_first=allow_first)

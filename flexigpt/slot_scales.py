@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from flexigpt.adapters import OutputNorm
 from flexigpt.arch import arch_of, get_blocks, get_submodule
 from flexigpt.block_io import BlockIO, batches, block_r2, iter_block_io, replay
-from flexigpt.surgery import build_info
+from flexigpt.build_info import build_info
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Which single block stands in for a span? A trained one-block span replacement (LLM-Streamline).
 
-Each span ``(start, end)`` (0-based block ids, end exclusive; see ``flexigpt.replaceme.check_spans``)
+Each span ``(start, end)`` (0-based block ids, end exclusive; see ``flexigpt.spans.check_spans``)
 is replaced by ONE block, initialised from a copy of the span's first block (its own tensors, never
 the base's) and trained locally: Adam on the mean squared error between its output and the state
 leaving the span's last block, given the state entering the span. Both states are cached once from
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from flexigpt.arch import get_blocks, set_blocks
 from flexigpt.residual_states import block_states, run_block, window_ids
-from flexigpt.replaceme import check_spans
-from flexigpt.surgery import structural_copy
+from flexigpt.spans import check_spans
+from flexigpt.slots import structural_copy
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def streamline(
 
     Args:
         model: a supported ``*ForCausalLM`` (the original, uncut model).
-        spans: ``[start, end)`` pairs (``flexigpt.replaceme.check_spans``; block 0 may start one).
+        spans: ``[start, end)`` pairs (``flexigpt.spans.check_spans``; block 0 may start one).
         windows: calibration windows (train split) or an ``(N, T)`` id tensor.
         steps: Adam steps per span, each on ``batch_size`` windows (0: copy of the first block, untrained).
         lr: Adam learning rate.

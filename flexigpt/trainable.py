@@ -25,7 +25,8 @@ def set_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
     Trainable: the LoRA factors of replaced slots (and of kept slots once kept-block LoRA is
     attached), the output-norm parameters, and, when ``plan.adapter.train_prenorms``, the own
-    pre-norms of the slots the method gives their own (every slot for ``foldgpt``).
+    pre-norms of the slots the method gives their own (every slot for ``foldgpt``), and every
+    parameter of a method's own new blocks (``Method.trained_slots``: streamline's span blocks).
     Everything else is frozen.
     """
     info = build_info(model)
@@ -35,6 +36,7 @@ def set_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     plan = info.plan
     replaced = set(plan.replaced_slots)
     own_norms = set(plan.own_norm_slots)
+    trained = set(plan.method_spec.trained_slots(plan))
     for slot, block in enumerate(get_blocks(model)):
         if slot in replaced or info.kept_lora is not None:
             for factor in lora_factor_modules(block):
@@ -44,6 +46,8 @@ def set_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
                 if isinstance(m, OutputNorm):
                     for p in m.own_parameters():
                         p.requires_grad_(True)
+        if slot in trained:  # a method's own new block (e.g. streamline): all of it
+            block.requires_grad_(True)
         if slot in own_norms and plan.adapter.train_prenorms:
             for path in spec.norms:
                 get_submodule(block, path).requires_grad_(True)

@@ -251,3 +251,24 @@ def test_example_plans_load_for_the_embedded_model(request_):
         assert isinstance(plan, Plan) and plan.num_blocks == 30 and plan.pruned_blocks
     with pytest.raises(gr.Error, match="not found"):
         plan_tab.example_view("nope", request_)
+
+
+def test_span_methods_in_the_plan_tab(tiny_folder, tiny_text_file, request_, monkeypatch, tmp_path):
+    """ReplaceMe from the method menu: the lowest angular-distance span, drawn as one linear map,
+    built with its fitted map (the build status says how well it fits)."""
+    from app.tabs import scores as scores_tab
+
+    monkeypatch.setenv("FLEXIGPT_CACHE", str(tmp_path / "cache"))
+    data = str(tiny_text_file)
+    scores_tab.on_score(tiny_folder, data, 4, 64, False, request_)
+    label = next(k for k, v in plan_tab.METHODS.items() if v == "replaceme")
+    plan = plan_tab.on_method(None, label, 0.34, 4, request_)
+    assert plan.method == "replaceme" and len(plan.spans) == 1 and plan.spans[0][1] - plan.spans[0][0] == 2
+    assert plan.spans[0][0] >= 1  # never at block 0: no block before it
+    fig, params, table, code, message, path, _ = plan_tab.on_render(plan, request_)
+    assert any("one linear map" in (a.text or "") for a in fig.layout.annotations) and "contiguous spans" in message
+    start, end = plan.spans[0]
+    shorter = plan_tab.on_edit(plan, end - 1, "keep", None, request_)
+    assert shorter.spans == ((start, end - 1),) and shorter.method == "replaceme"
+    status, choices, _ = build_tab.on_build(plan, data, False, 0, request_)
+    assert "linear map error" in status and choices["value"].startswith("replaceme")

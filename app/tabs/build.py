@@ -58,17 +58,32 @@ def _build_one(key: str, plan, data_ref: str) -> Build:
     admit_build(key, [name])
     loaded = REGISTRY.get(plan.base_model)
     calibration = None
-    if plan.adapter.init == "whitened" and plan.replaced_slots:
+    if pipeline.needs_calibration(plan):  # whitened slot init, a span method's fit
         calibration = token_windows(loaded.tokenizer, limits.check_data_ref(data_ref), seq_len=PREVIEW_SEQ_LEN,
                                     split="train", max_windows=CALIBRATION_WINDOWS)
-    model = pipeline.build(loaded.model, plan, calibration=calibration)
+    report: dict = {}
+    model = pipeline.build(loaded.model, plan, calibration=calibration, report=report)
     size = own_bytes(model, loaded.model)
     admit_build(key, [name], size)
     ppl, protocol = quick_ppl(model, preview_windows(loaded.tokenizer, data_ref))
     b = Build(name=name, plan=plan, model=model, tokenizer=loaded.tokenizer, ppl_before=ppl,
-              protocol=protocol, params=measure_params(model).to_dict(), own_bytes=size)
+              protocol=protocol, params=measure_params(model).to_dict(), own_bytes=size, fit=report or None)
     work(key).builds[b.name] = b
     return b
+
+
+def _fit_summary(report: dict | None) -> str:
+    """One sentence on what the build fitted to the original model (span methods), or nothing."""
+    spans = (report or {}).get("spans") or []
+    parts = []
+    for f in spans:
+        s, e = f["span"]
+        if "error_vs_drop" in f:
+            parts.append(f"blocks {s}-{e - 1}: linear map error {f['error_vs_drop']:.2f} x a plain drop's")
+        elif "r2" in f:
+            parts.append(f"blocks {s}-{e - 1}: one block reproduces R² {f['r2']:.3f} of the span's output "
+                         f"(plain drop {f['r2_drop']:.3f})")
+    return (" Fitted on calibration text: " + "; ".join(parts) + ".") if parts else ""
 
 
 @user_errors
@@ -95,7 +110,7 @@ def on_build(plan, data_ref: str, also_drop: bool, token: int, request: gr.Reque
         built.append(b.name)
         lines.append(f"**{b.name}**: {p.num_slots} slots, {fmt_params(b.params.get('stored'))} stored parameters; "
                      f"{b.own_bytes / MB:.1f} MB of its own tensors; "
-                     f"quick preview perplexity before recovery **{b.ppl_before:.2f}**.")
+                     f"quick preview perplexity before recovery **{b.ppl_before:.2f}**.{_fit_summary(b.fit)}")
     lines.append(f"Preview protocol: {tables.protocol_text(protocol)}. Built in {time.perf_counter() - start:.1f} s.")
     names = list(work(key).builds)
     return "\n\n".join(lines), gr.update(choices=names, value=built[0]), int(token or 0) + 1

@@ -58,6 +58,7 @@ def on_propose(ratio: float, method_label: str, rank: int, request: gr.Request =
 
 HAND_DONORS = "hand_donors"  # plan note: pruned blocks whose donor was picked by hand
 NO_DONOR = "none"  # the donor menu's entry for a slot with no donor (its own low-rank factors only)
+SPAN_LABELS = {"replaceme": "one linear map, folded into the block before", "streamline": "one trained block"}
 
 
 def _hand_donors(plan) -> set[int]:
@@ -90,10 +91,14 @@ def on_analysis(plan, ratio: float, method_label: str, rank: int, request: gr.Re
 @user_errors
 def on_method(plan, method_label: str, ratio: float, rank: int, request: gr.Request = None, group_size: int = 2,
               align: bool = False):
-    """Switch method; FlexiGPT <-> drop (and FoldGPT -> either) keep the hand-edited pruned set;
-    extend and FoldGPT re-propose (FoldGPT from its gates when trained)."""
+    """Switch method; FlexiGPT <-> drop (and FoldGPT or a span method -> either) keep the hand-edited
+    pruned set; extend, FoldGPT and the span methods (ReplaceMe, LLM-Streamline: the lowest
+    angular-distance span) re-propose (FoldGPT from its gates when trained)."""
+    from flexigpt.methods import get_method
+
     method = METHODS.get(method_label, method_label)
-    if plan is None or method in ("extend", "foldgpt") or plan.method == "extend":
+    proposes = method in ("extend", "foldgpt") or get_method(method).uses_spans  # a span method: lowest-distance span
+    if plan is None or proposes or plan.method == "extend":
         return on_propose.__wrapped__(ratio, method_label, rank, request, group_size, align)
     donors = None
     analysis = work(session_key(request)).analysis
@@ -198,6 +203,13 @@ def plan_message(plan, info: dict, counts) -> str:
         pairs = ", ".join(f"{b}←{'no donor' if d is None else d}" for b, d in sorted(plan.donors.items())) or "none"
         lines.append(f"**FlexiGPT**: {len(plan.pruned_blocks)} of {plan.num_blocks} blocks pruned; their slots "
                      f"reuse a donor (pruned ← donor, 0-based): {pairs}; adapter rank {plan.adapter.rank}.")
+    elif plan.spans:
+        shown = ", ".join(f"{a}-{e - 1}" for a, e in plan.spans)
+        how = ("a least-squares linear map fitted on calibration text, folded into the block before the span "
+               "(no training, no extra parameters)" if plan.method == "replaceme" else
+               "one block (a copy of the span's first block) trained to map the span's input to its output")
+        lines.append(f"**{plan.method_spec.label}**: blocks {shown} (0-based, contiguous spans) cut; each span "
+                     f"is replaced by {how}. Prune or keep one block to change the spans.")
     elif plan.method == "foldgpt":
         groups = [g for g in plan.groups if len(g) > 1]
         shown = "; ".join(f"slots {', '.join(map(str, g))} (blocks {', '.join(str(plan.sources[s]) for s in g)}) run "
@@ -240,7 +252,8 @@ def on_render(plan, request: gr.Request = None):
     counts = estimate_params(plan, info)
     analysis = work(session_key(request)).analysis
     bi = analysis["block_influence"] if analysis and analysis.get("num_blocks") == plan.num_blocks else None
-    fig = figures.slot_map(plan.num_blocks, plan.layer_map, plan.replaced_slots, sources=plan.sources)
+    fig = figures.slot_map(plan.num_blocks, plan.layer_map, plan.replaced_slots, sources=plan.sources,
+                           spans=plan.spans or (), span_label=SPAN_LABELS.get(plan.method, ""))
     params = tables.params_table(counts.to_dict(), base_total=info["num_parameters"])
     table = tables.plan_table(plan.num_blocks, plan.layer_map, plan.method, bi, sources=plan.sources)
     path = work(session_key(request)).tmp_dir() / "plan.json"

@@ -94,6 +94,7 @@ def _gate_scores(analysis: dict, ratio: float, steps: int) -> list[float]:
 def run(args: argparse.Namespace) -> dict:
     # torch-heavy: loaded only when the command runs, so `--help` stays fast
     from flexigpt.atomic import write_text
+    from flexigpt.methods import get_method
     from flexigpt.params import estimate_params
     from flexigpt.plan import Plan, extend_plan, foldgpt_plan, plan_from_analysis
 
@@ -122,6 +123,9 @@ def run(args: argparse.Namespace) -> dict:
                                        "gates": ",".join(f"{g:.4f}" for g in gates)})
         elif method == "extend" and ext:
             plan = extend_plan(str(analysis.get("model")), int(analysis.get("num_blocks", 0)), ext, args.extend_mode)
+        elif getattr(args, "spans", None) and get_method(method).uses_spans:  # spans given: no proposal needed
+            plan = Plan.identity(str(analysis.get("model")), int(analysis.get("num_blocks", 0)), method="drop")
+            plan = get_method(method).apply_cli_options(plan, args)
         else:
             plan = plan_from_analysis(analysis, args.ratio if args.ratio is not None else 0.0,
                                       method="flexigpt" if method in ("drop", "foldgpt") else method,
@@ -133,6 +137,10 @@ def run(args: argparse.Namespace) -> dict:
         method = args.method or plan.method
         if method == "extend" and ext:
             plan = extend_plan(plan.base_model, plan.num_blocks, ext, args.extend_mode, adapter=plan.adapter)
+    if getattr(args, "spans", None):
+        if not get_method(method).uses_spans:
+            raise ValueError(f"--spans applies to span methods (replaceme, streamline), not {method}")
+        plan = get_method(method).apply_cli_options(plan, args)
     for b in keeps:
         plan = plan.keep(b)
     for b in drops:

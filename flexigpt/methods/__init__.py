@@ -12,9 +12,11 @@ from flexigpt.methods.extend import Extend
 from flexigpt.methods.flexigpt import FlexiGPT
 from flexigpt.methods.foldgpt import FoldGPT, fold_layout
 from flexigpt.methods.registry import get_method, method_names, methods, register, unregister
+from flexigpt.methods.replaceme import ReplaceMe
+from flexigpt.methods.streamline import Streamline
 
 __all__ = ["BuildContext", "Method", "fold_layout", "get_method", "method_names", "methods", "nearest_kept",
            "register", "unregister"]
 
-for _method in (FlexiGPT(), Drop(), Extend(), FoldGPT()):
+for _method in (FlexiGPT(), Drop(), Extend(), FoldGPT(), ReplaceMe(), Streamline()):
     register(_method)

@@ -65,6 +65,7 @@ class Method:
     proposable: ClassVar[bool] = True  # ``plan_from_scores`` can make one from a pruned set
     uses_sources: ClassVar[bool] = False  # the plan's ``sources`` field (slot -> block it stands for)
     allows_no_donor: ClassVar[bool] = False  # a replaced slot may run no donor (``layer_map`` entry ``None``)
+    uses_spans: ClassVar[bool] = False  # the plan's ``spans`` field (contiguous runs cut together)
 
     # ---- validation and views ------------------------------------------------------
     def validate(self, plan) -> None:
@@ -121,7 +122,7 @@ class Method:
         import dataclasses  # stdlib, local to keep the interface section short
 
         kept = tuple(b for b in range(plan.num_blocks) if b not in pruned)
-        return dataclasses.replace(plan, method=self.name, layer_map=kept, sources=None, extend=None)
+        return dataclasses.replace(plan, method=self.name, layer_map=kept, sources=None, extend=None, spans=None)
 
     def drop(self, plan, block: int, donor: int | None) -> Any:
         """Prune ``block``; ``donor`` is used by methods that choose donors."""
@@ -143,6 +144,20 @@ class Method:
         """The module for ``slot``. The default: the copy of the block it stands for."""
         return ctx.copies[plan.layer_map[slot]]
 
+    def trained_slots(self, plan) -> tuple[int, ...]:
+        """Slots whose every parameter recovery trains (a method's own new blocks)."""
+        return ()
+
+    def needs_calibration(self, plan, fit_steps: int = 0) -> bool:
+        """Whether building ``plan`` reads calibration windows (``calibrate`` then runs)."""
+        return False
+
+    def calibrate(self, model, base, plan, calibration, *, fit_steps: int = 0, progress=None) -> dict[str, Any]:
+        """Fit the built ``model`` to the original ``base`` on ``calibration`` windows, in place, before
+        any end-to-end step (whitened init, local fitting, span maps...); returns what to report.
+        ``progress(fraction, message)`` where given."""
+        return {}
+
     def estimate(self, plan, shapes, adapter) -> tuple[int, int, int]:
         """``(stored, run, trainable)`` parameters of the built model, from shapes only
         (``shapes`` is ``flexigpt.shapes.Shapes``)."""
@@ -156,6 +171,10 @@ class Method:
     # ---- CLI ---------------------------------------------------------------------------
     def add_cli_options(self, parser: argparse.ArgumentParser) -> None:
         """Add this method's own ``plan`` options (names unique across methods)."""
+
+    def apply_cli_options(self, plan, args: argparse.Namespace) -> Any:
+        """``plan`` with this method's own ``plan`` options applied (after the generic edits)."""
+        return plan
 
     def plan_options(self, args: argparse.Namespace) -> dict[str, Any]:
         """Keyword arguments for ``plan_from_scores`` read from this method's CLI options."""

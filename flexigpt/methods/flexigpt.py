@@ -115,7 +115,7 @@ class FlexiGPT(AdapterSlots):
         # a donor of None (given explicitly) means no donor
         lm = tuple(b if b not in pruned else donors[b] if b in donors else nearest_kept(b, kept)
                    for b in range(plan.num_blocks))
-        return dataclasses.replace(plan, method=self.name, layer_map=lm, sources=None, extend=None)
+        return dataclasses.replace(plan, method=self.name, layer_map=lm, sources=None, extend=None, spans=None)
 
     def drop(self, plan, block, donor):
         users = [s for s, d in enumerate(plan.layer_map) if d == block and s != block]
@@ -132,6 +132,42 @@ class FlexiGPT(AdapterSlots):
         lm = list(plan.layer_map)
         lm[block] = block
         return dataclasses.replace(plan, layer_map=tuple(lm))
+
+    def needs_calibration(self, plan, fit_steps: int = 0) -> bool:
+        return bool(self.replaced_slots(plan)) and (plan.adapter.init == "whitened" or fit_steps > 0)
+
+    def calibrate(self, model, base, plan, calibration, *, fit_steps: int = 0, progress=None) -> dict:
+        """Whitened init and closed-form output scales (``adapter.init == "whitened"``), then
+        ``fit_steps`` of block-local fitting per slot: each slot trained alone to reproduce its
+        pruned block's output on cached activations of the original model."""
+        # the fitting modules hook the original model: loaded only for builds that fit
+        from flexigpt.block_io import collect_block_io
+        from flexigpt.slot_fit import fit_slots
+        from flexigpt.slot_init import whitened_slot_init
+        from flexigpt.slot_scales import closed_form_scales_
+
+        out: dict = {}
+        if plan.adapter.init == "whitened":
+            if progress:
+                progress(0.1, "fitting each slot's adapter to its pruned block (whitened low rank)")
+            residuals = whitened_slot_init(model, base, calibration)
+            out["whitened_residual"] = {str(s): round(sum(r.values()) / len(r), 4) for s, r in residuals.items()}
+        cache = collect_block_io(base, calibration, sorted(plan.replaced_slots))
+        if plan.adapter.init == "whitened":
+            if progress:
+                progress(0.4, "setting each slot's output scales in closed form")
+            scales = closed_form_scales_(model, base, cache=cache)
+            out["scale_r2"] = {str(s): v for s, v in scales.items()}
+        if fit_steps > 0:
+            def step(slot: int, done: int, total: int) -> None:
+                if progress:
+                    progress(0.5 + 0.5 * done / max(total, 1), f"fitting slot {slot} alone ({done}/{total} steps)")
+
+            fitted = fit_slots(model, base, cache=cache, steps=fit_steps, callback=step)
+            out["r2"] = {str(f.slot): round(f.r2_after, 4) for f in fitted.slots}
+            out["r2_before"] = {str(f.slot): round(f.r2_before, 4) for f in fitted.slots}
+            out["fit_steps"] = fit_steps
+        return out
 
     def build_slot(self, ctx: BuildContext, plan, slot: int):
         donor = plan.layer_map[slot]

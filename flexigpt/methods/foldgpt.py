@@ -69,7 +69,8 @@ class FoldGPT(Method):
         kept = [b for b in range(plan.num_blocks) if b not in pruned]
         lm, sources = fold_layout(kept, size)
         notes = tuple(sorted((dict(plan.notes) | {"group_size": size}).items()))
-        return dataclasses.replace(plan, method=self.name, layer_map=lm, sources=sources, notes=notes, extend=None)
+        return dataclasses.replace(plan, method=self.name, layer_map=lm, sources=sources, notes=notes, extend=None,
+                                   spans=None)
 
     def build_slot(self, ctx: BuildContext, plan, slot: int):
         # lazy: torch-heavy module, so `import flexigpt.plan` stays light

@@ -49,6 +49,8 @@ class Plan(PlanEdits, PlanJSON):
         kept_lora_rank: LoRA rank on the slots that run their own block unchanged (the kept
             blocks), trained with recovery; ``None`` = none. A drop plan recovered with kept LoRA
             is the ShortGPT + LoRA baseline. Plan format 3.
+        spans: ``replaceme`` and ``streamline`` only: the contiguous ``(start, end)`` runs of
+            0-based block ids (end exclusive) each replaced as one; ``None`` otherwise. Format 4.
     """
 
     base_model: str
@@ -61,6 +63,7 @@ class Plan(PlanEdits, PlanJSON):
     format_version: int = field(default=READABLE_VERSIONS[-1], compare=False)
     sources: tuple[int, ...] | None = None
     kept_lora_rank: int | None = None
+    spans: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.base_model, str) or not self.base_model.strip() or len(self.base_model) > 1000:
@@ -89,6 +92,10 @@ class Plan(PlanEdits, PlanJSON):
             users = [m for m in method_names() if get_method(m).uses_sources]
             raise ValueError(f"sources are only valid with method {' or '.join(map(repr, users))}, "
                              f"got {self.sources!r} with {self.method!r}")
+        if self.spans is not None and not method.uses_spans:
+            users = [m for m in method_names() if get_method(m).uses_spans]
+            raise ValueError(f"spans are only valid with method {' or '.join(map(repr, users))}, "
+                             f"got {self.spans!r} with {self.method!r}")
         if self.kept_lora_rank is not None:
             check_int(self.kept_lora_rank, "kept_lora_rank", 1, MAX_RANK)
         if self.extend is not None and (not isinstance(self.extend, ExtendSpec) or self.method != "extend"):
@@ -132,6 +139,8 @@ class Plan(PlanEdits, PlanJSON):
     def _newest_feature(self) -> str:
         if None in self.layer_map and self.required_version == 4:
             return "a slot with no donor (null in layer_map)"
+        if self.spans is not None and self.required_version == 4:
+            return f"method {self.method} (spans)"
         if self.kept_lora_rank is not None and self.required_version == 3:
             return "kept_lora_rank"
         if self.adapter.required_version == self.required_version:

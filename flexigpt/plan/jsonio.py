@@ -6,7 +6,8 @@ feature is byte-for-byte the file older releases read; every listed version load
 * 1: flexigpt, drop, extend;
 * 2: ``foldgpt`` (the ``sources`` key) and ``adapter.align``;
 * 3: ``kept_lora_rank`` (kept-block LoRA is part of the plan) and ``adapter.init: "whitened"``;
-* 4: ``null`` in a flexigpt ``layer_map``: a replaced slot with no donor.
+* 4: ``null`` in a flexigpt ``layer_map`` (a replaced slot with no donor); methods ``replaceme``
+  and ``streamline`` (the ``spans`` key).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ FORMAT_VERSION = 4  # the newest plan format this version reads and writes
 READABLE_VERSIONS = (1, 2, 3, 4)
 MAX_JSON_BYTES = 1_000_000
 _KEYS = ("format_version", "base_model", "num_blocks", "method", "layer_map", "adapter", "extend", "notes", "sources",
-         "kept_lora_rank")
+         "kept_lora_rank", "spans")
 
 
 def _refuse_constant(c: str):
@@ -51,6 +52,8 @@ class PlanJSON:
             out["sources"] = list(self.sources)
         if self.kept_lora_rank is not None:
             out["kept_lora_rank"] = self.kept_lora_rank
+        if self.spans is not None:
+            out["spans"] = [list(s) for s in self.spans]
         return out
 
     def to_json(self) -> str:
@@ -72,6 +75,11 @@ class PlanJSON:
         sources = obj.get("sources")
         if sources is not None and not isinstance(sources, list):
             raise ValueError(f"sources must be a list of block ids, got {sources!r}")
+        spans = obj.get("spans")
+        if spans is not None:
+            if not isinstance(spans, list) or not all(isinstance(x, list) and len(x) == 2 for x in spans):
+                raise ValueError(f"spans must be a list of [start, end) pairs of block ids, got {spans!r:.200}")
+            spans = tuple(tuple(x) for x in spans)
         adapter = obj.get("adapter") or {}
         if not isinstance(adapter, dict):
             raise ValueError(f"adapter must be an object, got {adapter!r}")
@@ -98,6 +106,7 @@ class PlanJSON:
             method=obj.get("method", "flexigpt"), adapter=AdapterSpec(**adapter), extend=ext,
             notes=tuple(sorted(notes.items())), format_version=obj["format_version"],
             sources=None if sources is None else tuple(sources), kept_lora_rank=obj.get("kept_lora_rank"),
+            spans=spans,
         )
         plan.check_version()
         return plan

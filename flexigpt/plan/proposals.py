@@ -17,6 +17,7 @@ from flexigpt.methods import get_method
 from flexigpt.plan.core import Plan
 from flexigpt.plan.donors import _check_matrix, choose_donors, donor_matrix, suggested_donor
 from flexigpt.plan.specs import AdapterSpec, ExtendSpec, NoteValue
+from flexigpt.spans import lowest_spans
 from flexigpt.validate import MAX_BLOCKS, MAX_RATIO
 from flexigpt.validate import check_float as _float
 from flexigpt.validate import check_int as _int
@@ -99,6 +100,9 @@ def plan_from_analysis(analysis: Mapping[str, Any], ratio: float, *, method: str
     bi = analysis["block_influence"]
     if not isinstance(bi, list) or len(bi) != L:
         raise ValueError(f"analysis block_influence must list {L} values, got {bi!r:.200}")
+    target = get_method(method)
+    if target.uses_spans:
+        return _span_plan(analysis, L, bi, ratio, target, adapter or AdapterSpec(), protect)
     metric, rank, matrix = donor_matrix(analysis, metric, rank)
     notes = {"analysis_model": analysis["model"], "analysis_fingerprint": analysis.get("fingerprint"),
              "analysis_data": analysis.get("data"), "analysis_samples": analysis.get("samples"),
@@ -107,6 +111,29 @@ def plan_from_analysis(analysis: Mapping[str, Any], ratio: float, *, method: str
              "donor_rank": rank if matrix is not None else None}
     return plan_from_scores(str(analysis["model"]), bi, ratio, share_error=matrix, method=method, adapter=adapter,
                             protect=protect, extend_mode=extend_mode, group_size=group_size, notes=notes)
+
+
+def _span_plan(analysis: Mapping[str, Any], L: int, bi: Sequence[float], ratio: float, target, adapter: AdapterSpec,
+               protect: Iterable[int]) -> Plan:
+    """A span method's proposal: the one span of ``round(ratio * L)`` blocks with the lowest angular
+    distance (the analysis' triangle), as ReplaceMe and LLM-Streamline choose; without that row,
+    the lowest-BI blocks grouped into contiguous runs."""
+    _float(ratio, "ratio", 0.0, MAX_RATIO)
+    n = int(round(ratio * L))
+    if n < 1:
+        raise ValueError(f"ratio {ratio} cuts no block of {L}; a {target.name} plan cuts at least one span")
+    rows = (analysis.get("angular_distance") or {}).get("values") or []
+    meta = {"ratio": float(ratio), "analysis_model": analysis["model"], "analysis_data": analysis.get("data"),
+            "analysis_samples": analysis.get("samples"), "analysis_seq_len": analysis.get("seq_len")}
+    start = Plan(str(analysis["model"]), L, tuple(range(L)), "drop", adapter)
+    protected = set(protect)
+    if len(rows) >= n:
+        row = [None if any(b in protected for b in range(s, s + n)) else v for s, v in enumerate(rows[n - 1])]
+        spans = lowest_spans(row, n, L, allow_first=target.allow_first)
+        meta["selection"] = f"lowest angular distance span of {n} blocks"
+        return target.with_spans(start, spans).with_notes(**meta)
+    plan = plan_from_scores(str(analysis["model"]), bi, ratio, method=target.name, adapter=adapter, protect=protect)
+    return plan.with_notes(**meta, selection="lowest block influence, as contiguous runs")
 
 
 def extend_plan(base_model: str, num_blocks: int, blocks: Iterable[int], mode: str = "block", *,
