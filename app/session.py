@@ -86,6 +86,7 @@ class Build:
     losses: list[float] = field(default_factory=list)
     recovered_steps: int = 0
     fit: dict | None = None  # the last slot-fit report (flexigpt.slot_fit.SlotFitReport.to_dict())
+    fidelity: dict | None = None  # the last chat-fidelity check (FidelityReport.to_dict(rows=False))
     own_bytes: int = 0  # bytes of tensors this build holds beyond the shared base weights
 
 
@@ -99,6 +100,7 @@ class Work:
     builds: dict[str, Build] = field(default_factory=dict)
     base_ppl: dict[str, tuple[float, dict]] = field(default_factory=dict)  # "ref|data" -> (ppl, protocol)
     base_speed: dict[str, float] = field(default_factory=dict)  # model ref -> generated tokens/s
+    base_fidelity: dict[str, Any] = field(default_factory=dict)  # model ref -> the original's FidelityReport
     stop: threading.Event = field(default_factory=threading.Event)
     last_used: float = field(default_factory=time.monotonic)
     _tmp: Path | None = None

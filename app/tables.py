@@ -133,7 +133,7 @@ def protocol_text(protocol: Mapping[str, Any] | None) -> str:
 def compare_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """Original and built models: perplexity before/after recovery (with protocol), size, speed."""
     cols = ["model", "method", "slots", "ppl before recovery", "ppl after recovery", "steps",
-            "stored params", "tokens/s", "perplexity protocol"]
+            "stored params", "tokens/s", "chat fidelity", "perplexity protocol"]
     out = []
     for r in rows:
         ppl_b, ppl_a = r.get("ppl_before"), r.get("ppl_after")
@@ -144,6 +144,7 @@ def compare_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
             r.get("steps", 0),
             _fmt_int(r.get("stored_params")),
             "n/a" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:.1f}",
+            "n/a" if r.get("fidelity") is None else f"{r['fidelity']:.2f}",
             protocol_text(r.get("protocol")),
         ))
     return pd.DataFrame(out, columns=cols)

@@ -227,6 +227,13 @@ def test_story_on_the_tiny_model(tiny_folder, tiny_text_file, request_, monkeypa
     assert "First token after" in status and box == ""
     with pytest.raises(gr.Error, match="type a message"):
         list(chat_tab.on_chat("  ", "flexigpt 33% r4", [], [], 4, 0.0, 1.0, tiny_folder, request_))
+    # fidelity check: both scores, the lost prompts; the compare tab shows the score
+    md = chat_tab.on_fidelity("flexigpt 33% r4", tiny_folder, request_)
+    assert "**Chat fidelity**" in md and "original **" in md and "agreement" in md
+    table, _ = compare_tab.on_refresh(3, request_)
+    assert table.loc[0, "chat fidelity"] != "n/a" and table.loc[1, "chat fidelity"] != "n/a"
+    with pytest.raises(gr.Error, match="pick a built model"):
+        chat_tab.on_fidelity("nope", tiny_folder, request_)
 
     archive, msg = export_tab.on_export("flexigpt 33% r4", "compact", request_)
     import zipfile

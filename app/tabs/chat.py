@@ -170,6 +170,57 @@ def on_chat(message: str, build: str, left: list, right: list, max_new_tokens: i
            f"First token after {firsts}; total {time.perf_counter() - start:.1f} s.{speculative_status(stats)}{note}")
 
 
+FIDELITY_TOKENS = 48  # max new tokens per fidelity prompt (the library's default protocol)
+FIDELITY_SHOWN = 12  # failing prompts listed at most
+
+
+@user_errors
+def on_fidelity(build: str, model_ref: str, request: gr.Request = None, progress=gr.Progress()) -> str:
+    """Answer the built-in chat-fidelity prompts greedily with the original (once per visit) and the
+    chosen build; returns both scores and the prompts the build fails where the original passes."""
+    from flexigpt.fidelity import chat_fidelity
+
+    key = session_key(request)
+    w = work(key)
+    if not build or build not in w.builds:
+        raise ValueError(f"pick a built model first (tab 5); available: {sorted(w.builds) or 'none'}")
+    b = w.builds[build]
+    ref = b.plan.base_model
+    loaded = REGISTRY.get(ref)
+
+    def bar(start: float, span: float, what: str):
+        return lambda done, total: progress(start + span * done / max(total, 1), desc=f"{what}: {done}/{total} prompts")
+
+    if ref not in w.base_fidelity:  # the original's replies are also cached on disk across visits
+        w.base_fidelity[ref] = chat_fidelity(loaded.model, loaded.tokenizer, max_new_tokens=FIDELITY_TOKENS,
+                                             cache=True, callback=bar(0.0, 0.3, "original"))
+    original = w.base_fidelity[ref]
+    report = chat_fidelity(b.model, b.tokenizer, reference=original, max_new_tokens=FIDELITY_TOKENS,
+                           callback=bar(0.3, 0.7, build))
+    b.fidelity = report.to_dict(rows=False)
+    lost = report.regressions(original)
+    p = report.protocol
+    lines = [f"**Chat fidelity** ({p['size']} built-in prompts with answer keys, greedy, up to {FIDELITY_TOKENS} "
+             f"new tokens): original **{original.score:.2f}** ({original.passed}/{p['size']}), **{build}** "
+             f"**{report.score:.2f}** ({report.passed}/{p['size']}); agreement with the original's first "
+             f"{p['agreement_tokens']} reply tokens {report.agreement:.2f}; replies stuck in a loop: "
+             f"{report.degenerate} (original {original.degenerate})."]
+    if lost:
+        lines.append(f"Prompts {build} fails and the original answers ({len(lost)}):")
+        for mine, theirs in lost[:FIDELITY_SHOWN]:
+            lines.append(f"- *{mine.prompt}* → {build}: “{_short(mine.reply)}”; original: “{_short(theirs.reply)}”")
+        if len(lost) > FIDELITY_SHOWN:
+            lines.append(f"- … and {len(lost) - FIDELITY_SHOWN} more.")
+    else:
+        lines.append("No prompt that the original answers is lost.")
+    return "\n".join(lines)
+
+
+def _short(reply: str, n: int = 90) -> str:
+    one = " ".join(reply.split())
+    return one if len(one) <= n else one[: n - 1] + "…"
+
+
 def on_builds(token=None, request: gr.Request = None):
     names = list(work(session_key(request)).builds)
     return gr.update(choices=names, value=names[0] if names else None)
@@ -193,6 +244,10 @@ def render(ctx) -> None:
         send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
         clear = gr.Button("Clear", scale=1, elem_id="chat-clear")
     status = gr.Markdown("", elem_id="chat-status")
+    with gr.Row():
+        fidelity = gr.Button("Fidelity check", elem_id="fidelity-btn")
+    fidelity_md = gr.Markdown("", elem_id="fidelity-status")
+    fidelity.click(on_fidelity, [build, ctx["model_ref"]], [fidelity_md], api_name="fidelity", **heavy())
     inputs = [box, build, left, right, max_new, temperature, top_p, ctx["model_ref"], speculative]
     outputs = [left, right, box, status]
     send.click(on_chat, inputs, outputs, api_name="chat", **heavy())

@@ -22,11 +22,13 @@ def compare_rows(key: str) -> list[dict]:
         rows.append({"name": f"original ({ref})", "method": "original", "slots": info["num_blocks"],
                      "ppl_before": ppl[0] if ppl else None, "ppl_after": None, "steps": 0,
                      "stored_params": info["num_parameters"], "protocol": ppl[1] if ppl else None,
-                     "tokens_per_s": speed})
+                     "tokens_per_s": speed,
+                     "fidelity": getattr(w.base_fidelity.get(ref), "score", None)})
     for b in w.builds.values():
         rows.append({"name": b.name, "method": b.plan.method, "slots": b.plan.num_slots, "ppl_before": b.ppl_before,
                      "ppl_after": b.ppl_after, "steps": b.recovered_steps, "stored_params": b.params.get("stored"),
-                     "protocol": b.protocol, "tokens_per_s": (b.speed or {}).get("tokens_per_s")})
+                     "protocol": b.protocol, "tokens_per_s": (b.speed or {}).get("tokens_per_s"),
+                     "fidelity": (b.fidelity or {}).get("score")})
     return rows
 
 
