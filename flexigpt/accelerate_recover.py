@@ -156,13 +156,13 @@ def run(args: argparse.Namespace) -> dict | None:
     plan = None
     if args.plan:
         # the pipeline pulls in the whole build stack: only with --plan
-        from flexigpt.pipeline import build, recipe
+        from flexigpt.pipeline import build, needs_calibration, recipe
         from flexigpt.plan import Plan
 
         plan = recipe(Plan.from_json(Path(args.plan).read_text(encoding="utf-8")), base, recovering=True,
                       kept_lora_rank=args.kept_lora)
         calibration = None
-        if plan.adapter.init == "whitened" and plan.replaced_slots:
+        if needs_calibration(plan):
             calibration = token_windows(tok, args.data, seq_len=spec.seq_len, split="train", max_windows=32,
                                         max_len=getattr(base.config, "max_position_embeddings", None))
         model, teacher = build(base, plan, calibration=calibration), base  # the base stays intact and frozen

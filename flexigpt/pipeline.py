@@ -32,11 +32,25 @@ from flexigpt.export import save_compact, save_merged
 from flexigpt.params import matched_lora_rank, measure_params
 from flexigpt.plan import Plan
 from flexigpt.recover import RecoverSpec, StepLog, recover
+from flexigpt.recovery_data import recovery_windows
 from flexigpt.surgery import apply_plan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunOptions", "build", "needs_calibration", "recipe", "recover_model", "run"]
+__all__ = ["CHAT_RECIPE", "TEXT_RECIPE", "RunOptions", "build", "default_recovery", "needs_calibration", "recipe",
+           "recover_model", "run"]
+
+
+# The recovery objective and data that `build` (with no --objective/--train-data) and the app use:
+# for models with a chat template the recipe that won bench/chat.py (bench/RESULTS.md), else next-token loss
+# on the text. ``None`` data means the text the user names (--data).
+CHAT_RECIPE: tuple[str, str | None] = ("lm", None)
+TEXT_RECIPE: tuple[str, str | None] = ("lm", None)
+
+
+def default_recovery(chat_model: bool) -> tuple[str, str | None]:
+    """``(objective, train data or None)`` to recover with when the user names neither."""
+    return CHAT_RECIPE if chat_model else TEXT_RECIPE
 
 
 def recipe(plan: Plan, base: nn.Module, *, recovering: bool, kept_lora_rank: int | None = None) -> Plan:
@@ -115,7 +129,8 @@ class RunOptions:
     Attributes:
         out: the compact export folder.
         data: text for the held-out perplexity (and recovery, unless ``train_data``).
-        train_data: recovery text, train split.
+        train_data: recovery data: a text (train split), ``chat`` (the original's own chat replies)
+            or ``mixed`` (half each); see ``flexigpt.recovery_data``.
         train_windows: use at most this many training windows.
         eval_windows: held-out windows for perplexity.
         seq_len: tokens per window.
@@ -162,8 +177,8 @@ def run(plan: Plan, options: RunOptions, spec: RecoverSpec | None = None, *, bas
     train_ref = options.train_data or options.data
     calibration = None
     if needs_calibration(built, options.fit_steps):
-        calibration = token_windows(tokenizer, train_ref, seq_len=options.seq_len, split="train",
-                                    max_windows=options.calibration_windows, max_len=context)
+        calibration = recovery_windows(base, tokenizer, train_ref, text=options.data, seq_len=options.seq_len,
+                                       max_windows=options.calibration_windows, max_len=context)
     fit: dict = {}
     model = build(base, built, calibration=calibration, fit_steps=options.fit_steps, report=fit)
     heldout = token_windows(tokenizer, options.data, seq_len=options.seq_len, split="heldout",
@@ -174,8 +189,8 @@ def run(plan: Plan, options: RunOptions, spec: RecoverSpec | None = None, *, bas
     if main:
         result["ppl_before"] = round(evaluate.perplexity(model, heldout).ppl, 4)
     if spec is not None:
-        train = token_windows(tokenizer, train_ref, seq_len=spec.seq_len, split="train",
-                              max_windows=options.train_windows, max_len=context)
+        train = recovery_windows(base, tokenizer, train_ref, text=options.data, seq_len=spec.seq_len,
+                                 max_windows=options.train_windows, max_len=context)
         ckpt = Path(str(Path(options.out)) + "-checkpoint") if spec.checkpoint_every or options.resume else None
         last = None
         for record in recover_model(model, base, train, spec, checkpoint_dir=ckpt, resume=options.resume,

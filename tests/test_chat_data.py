@@ -112,3 +112,21 @@ def test_mix_windows_shares_without_repeats():
         mix_windows(a, torch.zeros((3, 5), dtype=torch.long), 0.5)
     with pytest.raises(ValueError, match="int64"):
         mix_windows(a.float(), b, 0.5)
+
+
+def test_recovery_windows_resolve_text_chat_and_mixed(tiny_model, tiny_tokenizer, tiny_text_file, tmp_path, monkeypatch):
+    from flexigpt.recovery_data import recovery_windows
+
+    monkeypatch.setenv("FLEXIGPT_CACHE", str(tmp_path))
+    text = recovery_windows(tiny_model, tiny_tokenizer, str(tiny_text_file), seq_len=16, max_windows=4)
+    assert text.num_windows == 4 and text.split == "train"
+    chat = recovery_windows(tiny_model, tiny_tokenizer, "chat", seq_len=16, max_windows=6)
+    assert chat.num_windows == 6 and chat.data.startswith("chat:")
+    mixed = recovery_windows(tiny_model, tiny_tokenizer, "mixed", text=str(tiny_text_file), seq_len=16, max_windows=8)
+    assert mixed.num_windows == 8 and mixed.data.startswith("mix(")
+    rows = {tuple(r) for r in mixed.input_ids.tolist()}
+    assert rows & {tuple(r) for r in chat.input_ids.tolist()}  # some windows are chat, the rest text
+    plain = copy.deepcopy(tiny_tokenizer)
+    plain.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        recovery_windows(tiny_model, plain, "mixed", seq_len=16)

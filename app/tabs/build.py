@@ -15,6 +15,28 @@ PREVIEW_SEQ_LEN = 128
 CALIBRATION_WINDOWS = 32  # train windows the slot fits read (whitened init, fit slots)
 FIT_STEPS = 50  # the fit-slots default in the app: most of the R^2 comes in the first steps
 DEFAULT_GATE_LR_SCALE = RecoverSpec().gate_lr_scale  # the library's default recipe
+OBJECTIVES = ("lm", "distill", "mix")
+TEXT = "text"
+SOURCES = {"the text of tab 1 (train split)": TEXT, "chat: the original's own replies": "chat",
+           "mixed: half chat, half text": "mixed"}
+
+
+def recipe_note() -> str:
+    """One sentence on the recipe the panel starts with, and why."""
+    objective, source = default_recipe(True)
+    what = {"lm": "next-token loss", "distill": "distillation from the original model's predictions",
+            "mix": "next-token loss plus distillation"}[objective]
+    return (f"Default for chat models: **{what}** on **{source}**, the recipe that kept the most chat ability "
+            "within 10 % of the best perplexity in our measurements (bench/RESULTS.md).")
+
+
+def default_recipe(chat_model: bool) -> tuple[str, str]:
+    """``(objective, source label)`` the recover panel starts with: the recipe that won bench/chat.py
+    for chat models (see bench/RESULTS.md), plain next-token loss on the text otherwise."""
+    from flexigpt.pipeline import default_recovery
+
+    objective, data = default_recovery(chat_model)
+    return objective, next(k for k, v in SOURCES.items() if v == (data or TEXT))
 
 
 def build_name(plan) -> str:
@@ -118,11 +140,14 @@ def on_build(plan, data_ref: str, also_drop: bool, token: int, request: gr.Reque
 
 @user_errors
 def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_ref: str, token: int,
-               request: gr.Request = None, gate_lr_scale: float | None = None):
-    """Generator: train the build's adapters, yielding (loss figure, status, builds token) per step."""
-    from flexigpt.data import token_windows
+               request: gr.Request = None, gate_lr_scale: float | None = None, objective: str | None = None,
+               source: str | None = None):
+    """Generator: train the build's adapters, yielding (loss figure, status, builds token) per step.
+    ``objective`` (``lm``/``distill``/``mix``) and ``source`` (a ``SOURCES`` label) default to the
+    recipe the app recommends for the model (``default_recipe``)."""
     from flexigpt.pipeline import recover_model
     from flexigpt.recover import RecoverSpec
+    from flexigpt.recovery_data import recovery_windows
 
     key = session_key(request)
     w = work(key)
@@ -141,10 +166,23 @@ def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_
     note = ""
     if b.plan.method == "drop":
         note = _attach_baseline_lora(b)
-    spec = RecoverSpec(steps=steps, lr=float(lr), batch_size=batch, seq_len=seq_len, objective="lm", **gates)
+    chat = bool(getattr(b.tokenizer, "chat_template", None))
+    default_objective, default_source = default_recipe(chat)
+    objective = objective or default_objective
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+    ref = SOURCES.get(source or default_source, source)
+    if ref not in SOURCES.values():
+        raise ValueError(f"recovery data must be one of {list(SOURCES)}, got {source!r}")
+    ref = data_ref if ref == TEXT else ref
+    spec = RecoverSpec(steps=steps, lr=float(lr), batch_size=batch, seq_len=seq_len, objective=objective, **gates)
     context = getattr(b.model.config, "max_position_embeddings", None) or None
-    windows = token_windows(b.tokenizer, data_ref, seq_len=seq_len, split="train",
-                            max_windows=min(512, steps * batch), max_len=context)
+    if ref != data_ref:
+        yield figures.loss_curve(b.steps, b.losses, name), ("Preparing the chat data (the original model's own "
+                                                            "replies; generated once, then cached)…"), int(token or 0)
+    windows = recovery_windows(REGISTRY.get(b.plan.base_model).model, b.tokenizer, ref, text=data_ref,
+                               seq_len=seq_len, max_windows=min(512, steps * batch), max_len=context)
+    note += f" Recipe: {objective} objective on {windows.data}."
     w.stop.clear()
     offset = b.steps[-1] if b.steps else 0
     token = int(token or 0)
@@ -210,9 +248,10 @@ def on_fit(name: str, fit_steps: int, data_ref: str, request: gr.Request = None,
             f"(before recovery).")
 
 
-def recover_view(name, steps, batch, seq_len, lr, data_ref, token, gate_lr_scale, request: gr.Request = None):
-    """``on_recover`` with the advanced row's gate multiplier (event inputs are positional)."""
-    yield from on_recover(name, steps, batch, seq_len, lr, data_ref, token, request, gate_lr_scale)
+def recover_view(name, steps, batch, seq_len, lr, data_ref, token, gate_lr_scale, objective, source,
+                 request: gr.Request = None):
+    """``on_recover`` with the advanced row's settings (event inputs are positional)."""
+    yield from on_recover(name, steps, batch, seq_len, lr, data_ref, token, request, gate_lr_scale, objective, source)
 
 
 def _attach_baseline_lora(b: Build) -> str:
@@ -257,6 +296,12 @@ def render(ctx) -> None:
         with gr.Row():
             gate_lr = gr.Number(DEFAULT_GATE_LR_SCALE, label="gate learning-rate multiplier (output-norm scales, "
                                 "norms, biases; no weight decay)", minimum=0.01, maximum=1000, elem_id="recover-gate-lr")
+            objective0, source0 = default_recipe(True)
+            objective = gr.Dropdown(list(OBJECTIVES), value=objective0, elem_id="recover-objective",
+                                    label="objective (lm: next-token loss; distill: match the original's "
+                                          "predictions; mix: both)")
+            source = gr.Dropdown(list(SOURCES), value=source0, label="recovery data", elem_id="recover-source")
+        gr.Markdown(recipe_note())
     with gr.Row():
         fit_steps = gr.Number(FIT_STEPS, label="fit steps per slot", precision=0, minimum=1,
                               maximum=limits.current().fit_steps, elem_id="fit-steps")
@@ -271,6 +316,6 @@ def render(ctx) -> None:
     build.click(on_build, [ctx.plan, data, also_drop, ctx.builds_token], [status, name, ctx.builds_token],
                 api_name="build", **heavy())
     fit_btn.click(on_fit, [name, fit_steps, data], [fit_plot, fit_status], api_name="fit_slots", **heavy())
-    recover_btn.click(recover_view, [name, steps, batch, seq_len, lr, data, ctx.builds_token, gate_lr],
+    recover_btn.click(recover_view, [name, steps, batch, seq_len, lr, data, ctx.builds_token, gate_lr, objective, source],
                       [curve, rec_status, ctx.builds_token], api_name="recover", **heavy())
     stop.click(on_stop, None, [rec_status], queue=False, api_name="stop")

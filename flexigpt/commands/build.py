@@ -20,9 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--plan", required=True, help="plan.json written by `plan` (or downloaded from the app)")
     p.add_argument("--out", required=True, help="export folder (compact; the merged export goes to OUT-merged)")
-    add_recover_arguments(p, defaults={"steps": 0, "checkpoint_every": 50},
+    add_recover_arguments(p, defaults={"steps": 0, "checkpoint_every": 50, "objective": None},
                           help_overrides={"steps": "recovery steps (0 = build and export only)",
-                                          "seq_len": "tokens per window (training and evaluation)"})
+                                          "seq_len": "tokens per window (training and evaluation)",
+                                          "objective": "lm (next-token loss), distill (match the original's "
+                                                       "predictions) or mix; default: the measured best recipe "
+                                                       "(for a model with a chat template, with --train-data)"})
     p.add_argument("--kept-lora-rank", type=int, default=None,
                    help="LoRA rank on the kept blocks (default: the plan's; for a recovered drop plan without one, "
                         "matched to the FlexiGPT budget)")
@@ -30,7 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="block-local fitting: train each replacement slot alone for N steps to reproduce its pruned "
                         "block's output on calibration text, before recovery (0 = none)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT-checkpoint")
-    p.add_argument("--train-data", default=None, help="recovery text, train split (default: --data)")
+    p.add_argument("--train-data", default=None,
+                   help="recovery data: a text (train split), 'chat' (the original model's own greedy replies to "
+                        "template prompts, through its chat template, generated once and cached) or 'mixed' "
+                        "(half chat, half --data); default: --data")
     p.add_argument("--train-windows", type=int, default=None, help="use at most this many training windows")
     p.add_argument("--merged", action="store_true", help="also write a plain Hugging Face checkpoint (OUT-merged)")
     p.add_argument("--data", default="default", help="text for the held-out perplexity")
@@ -61,9 +67,23 @@ def run(args: argparse.Namespace) -> dict | None:
     if path.stat().st_size > 1_000_000:
         raise ValueError(f"plan file {args.plan!r} is {path.stat().st_size} bytes; a plan is at most 1,000,000")
     plan = Plan.from_json(path.read_bytes())
-    # validate every recovery flag before loading anything
-    spec = from_args(args, checkpoint_every=max(0, args.checkpoint_every)) if args.steps > 0 else None
-    options = RunOptions(out=args.out, data=args.data, train_data=args.train_data, train_windows=args.train_windows,
+    # validate every recovery flag before loading anything (the default objective is resolved below)
+    spec = from_args(args, checkpoint_every=max(0, args.checkpoint_every),
+                     objective=args.objective or "lm") if args.steps > 0 else None
+    base = tokenizer = None
+    train_data = args.train_data
+    if spec is not None and (args.objective is None or train_data is None):
+        # the model decides the default recipe (chat template or not): load it once, here
+        from flexigpt.models import load_model
+        from flexigpt.pipeline import default_recovery
+        from flexigpt.recovery_data import has_chat_template
+
+        loaded = load_model(plan.base_model)
+        base, tokenizer = loaded.model, loaded.tokenizer
+        objective, data = default_recovery(has_chat_template(tokenizer))
+        spec = from_args(args, checkpoint_every=max(0, args.checkpoint_every), objective=args.objective or objective)
+        train_data = train_data or data
+    options = RunOptions(out=args.out, data=args.data, train_data=train_data, train_windows=args.train_windows,
                          eval_windows=args.eval_windows, seq_len=args.seq_len, merged=args.merged,
                          overwrite=args.overwrite, resume=args.resume, kept_lora_rank=args.kept_lora_rank,
                          fit_steps=args.fit_steps)
@@ -73,7 +93,7 @@ def run(args: argparse.Namespace) -> dict | None:
         from accelerate import Accelerator
 
         accelerator = Accelerator()
-    result = run_pipeline(plan, options, spec, accelerator=accelerator)
+    result = run_pipeline(plan, options, spec, base=base, tokenizer=tokenizer, accelerator=accelerator)
     if result is not None:
         result["plan"] = str(path)
     return result

@@ -1,0 +1,63 @@
+"""What does recovery train on? Text, the original model's own chat replies, or a mix.
+
+``recovery_windows`` resolves a recovery data reference to train windows:
+
+* a text reference (``default``, ``shakespeare``, a file, a dataset; ``flexigpt.data``): its train split;
+* ``chat``: self-distillation chat data, the original model's greedy replies to the template
+  prompts (which hold the fidelity set out), rendered through its chat template, generated once
+  and cached (``flexigpt.chat_data``); needs a tokenizer with a chat template;
+* ``mixed``: ``fraction`` of the windows from ``chat``, the rest from the text's train split,
+  interleaved so any prefix keeps the share.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch.nn as nn
+
+from flexigpt.chat_data import chat_data, mix_windows
+from flexigpt.data import Windows, token_windows
+
+__all__ = ["CHAT", "MIXED", "RECOVERY_SOURCES", "has_chat_template", "recovery_windows"]
+
+CHAT, MIXED = "chat", "mixed"
+RECOVERY_SOURCES = (CHAT, MIXED)  # recovery data references besides text
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _first(windows: Windows, n: int | None) -> Windows:
+    if n is None or windows.num_windows <= n:
+        return windows
+    return dataclasses.replace(windows, input_ids=windows.input_ids[:n].clone())
+
+
+def recovery_windows(base: nn.Module, tokenizer: Any, ref: str, *, text: str = "default", seq_len: int = 256,
+                     max_windows: int | None = None, max_len: int | None = None, fraction: float = 0.5) -> Windows:
+    """Train windows for recovery (or calibration) from ``ref``.
+
+    Args:
+        base: the original model (its replies are the chat data; generated once, then cached).
+        tokenizer: its tokenizer.
+        ref: a text reference, ``chat`` or ``mixed``.
+        text: the text mixed in by ``mixed``.
+        seq_len, max_windows, max_len: as ``flexigpt.data.token_windows``.
+        fraction: the share of chat windows in ``mixed``.
+
+    Raises:
+        ValueError: ``chat``/``mixed`` with a tokenizer that has no chat template, and every
+            ``token_windows`` error.
+    """
+    if ref not in RECOVERY_SOURCES:
+        return token_windows(tokenizer, ref, seq_len=seq_len, split="train", max_windows=max_windows, max_len=max_len)
+    if not has_chat_template(tokenizer):
+        raise ValueError(f"recovery data {ref!r} is the original model's own chat replies, but this tokenizer has no "
+                         f"chat template; use a text such as 'default'")
+    chat = chat_data(base, tokenizer).windows(seq_len=seq_len)
+    if ref == CHAT:
+        return _first(chat, max_windows)
+    plain = token_windows(tokenizer, text, seq_len=seq_len, split="train", max_len=max_len)
+    return _first(mix_windows(plain, chat, fraction), max_windows)
