@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--fold-hidden-weight", type=float, default=1.0,
                     help="FoldGPT cure: weight of the last-block hidden-state (tail distillation) term")
     ap.add_argument("--only", default="", help="comma-separated row names (or name prefixes) to run (default all)")
+    ap.add_argument("--skip", default="", help="comma-separated row names (or name prefixes) to leave out")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--save-dir", default=None, help="also write a compact export of every trained pruned row here")
     ap.add_argument("--json", action="store_true")
@@ -150,6 +151,8 @@ def main() -> None:
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     if only:
         rows = [r for r in rows if r.name == "original" or any(r.name.startswith(o) for o in only)]
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    rows = [r for r in rows if not any(r.name.startswith(o) for o in skip)]
     iterative = None
     for row in rows:
         if row.name.startswith("drop (iterative"):
