@@ -73,6 +73,12 @@ class SelectionResult:
         """The first ``n`` (default all) removed blocks, sorted by id."""
         return sorted(self.order[: len(self.order) if n is None else n])
 
+    def scores(self, num_blocks: int) -> list[float]:
+        """Per-block scores, low = removable, for ``plan_from_scores``: a removed block scores its place
+        in the removal order, a block never removed ``num_blocks`` or more (in id order)."""
+        place = {b: i for i, b in enumerate(self.order)}
+        return [float(place.get(b, num_blocks + b)) for b in range(num_blocks)]
+
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "order": list(self.order), "ppl": list(self.ppl),
                 "base_ppl": self.base_ppl, "tokens": self.tokens, "seconds": self.seconds, "cached": self.cached}

@@ -139,6 +139,33 @@ def test_cli_writes_analysis_json(tiny_folder, tiny_text_file, tmp_path, cache, 
     assert "function" not in weight_only["share_error"] and "suggested" not in weight_only["donor_suggestion"]
 
 
+def test_plan_select_and_span_methods_from_an_analysis(tiny_folder, tiny_text_file, tmp_path, cache, capsys):
+    """plan --select bi|ppl|iterative, and the span methods' proposal, from one analysis.json."""
+    from flexigpt.cli import main
+    from flexigpt.plan import Plan
+
+    out = tmp_path / "a"
+    assert main(["analyze", "--model", str(tiny_folder), "--data", str(tiny_text_file), "--samples", "3",
+                 "--seq-len", "16", "--ranks", "4", "--no-function", "--out", str(out)]) == 0
+    plans = {}
+    for select in ("bi", "iterative"):
+        path = tmp_path / f"{select}.json"
+        assert main(["plan", "--analysis", str(out), "--ratio", "0.34", "--method", "drop", "--select", select,
+                     "--out", str(path)]) == 0
+        plans[select] = Plan.from_json(path.read_text())
+    assert len(plans["iterative"].pruned_blocks) == len(plans["bi"].pruned_blocks) == 2
+    assert "iterative" in plans["iterative"].note("selection")
+    capsys.readouterr()
+    assert main(["plan", "--analysis", str(out), "--ratio", "0.34", "--select", "ppl", "--out",
+                 str(tmp_path / "p.json")]) == 2
+    assert "--ppl-drop" in capsys.readouterr().err and not (tmp_path / "p.json").exists()
+    assert main(["plan", "--analysis", str(out), "--ratio", "0.34", "--method", "replaceme", "--out",
+                 str(tmp_path / "r.json")]) == 0
+    span = Plan.from_json((tmp_path / "r.json").read_text())
+    assert span.method == "replaceme" and len(span.spans) == 1 and span.spans[0][1] - span.spans[0][0] == 2
+    assert "angular distance" in span.note("selection")
+
+
 @pytest.mark.parametrize(
     "flags, match",
     [

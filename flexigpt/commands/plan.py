@@ -8,6 +8,9 @@ from pathlib import Path
 HELP = "make a plan (which blocks to prune, share or repeat, donors, adapter rank) from an analysis.json"
 
 
+SELECT = ("bi", "ppl", "iterative")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # the registry is light (no torch): method names and each method's own options
     from flexigpt.methods import method_names, methods
@@ -16,6 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--analysis", help="analysis.json (or the folder holding it) written by `analyze`")
     src.add_argument("--from-plan", help="an existing plan.json to edit")
     p.add_argument("--ratio", type=float, default=None, help="fraction of blocks to prune (or to copy for extend), 0..0.9")
+    p.add_argument("--select", choices=SELECT, default="bi",
+                   help="how --analysis chooses the blocks to prune: bi (lowest Block Influence, one shot), ppl "
+                        "(smallest perplexity rise when the block alone is removed; needs `analyze --ppl-drop`) or "
+                        "iterative (SLEB: remove the block whose removal raises calibration perplexity least, "
+                        "re-measure, repeat; cached)")
     p.add_argument("--drop", default="", help="extra blocks to prune, e.g. 3,12")
     p.add_argument("--keep", default="", help="blocks to keep, e.g. 5")
     p.add_argument("--donor", action="append", default=[], help="set a donor: PRUNED=DONOR, e.g. 12=11, or PRUNED=none for a slot with no donor "
@@ -77,6 +85,32 @@ def _base_config(ref: str):
     return models.load_model(ref).model.config
 
 
+def _select_scores(analysis: dict, select: str, ratio: float) -> tuple[list[float] | None, str | None]:
+    """``(scores, description)`` for ``--select`` (``None`` scores: Block Influence)."""
+    L = int(analysis.get("num_blocks") or 0)
+    if select == "bi":
+        return None, None
+    if select == "ppl":
+        drop = analysis.get("ppl_drop")
+        if not drop or not drop.get("nll_increase"):
+            raise ValueError("--select ppl needs the perplexity of each block removed: run `analyze --ppl-drop`")
+        return [1e6 if v is None else float(v) for v in drop["nll_increase"]], \
+            "smallest perplexity rise when removed alone"
+    # imported when the command runs, so `--help` stays fast
+    from flexigpt.data import token_windows
+    from flexigpt.models import load_model
+    from flexigpt.selection import iterative_selection
+
+    n = int(round(ratio * L))
+    if n < 1:
+        raise ValueError(f"--select iterative removes round(ratio x {L}) blocks; ratio {ratio} removes none")
+    loaded = load_model(str(analysis.get("model")))
+    windows = token_windows(loaded.tokenizer, str(analysis.get("data") or "default"), seq_len=128, split="train",
+                            max_windows=8)
+    result = iterative_selection(loaded.model, windows, n)
+    return result.scores(L), "iterative (SLEB: lowest calibration perplexity rise, re-measured after each removal)"
+
+
 def _gate_scores(analysis: dict, ratio: float, steps: int) -> list[float]:
     """FoldGPT gates trained on the analysis's own calibration windows (train split)."""
     # imported when the command runs, so `--help` stays fast
@@ -127,9 +161,10 @@ def run(args: argparse.Namespace) -> dict:
             plan = Plan.identity(str(analysis.get("model")), int(analysis.get("num_blocks", 0)), method="drop")
             plan = get_method(method).apply_cli_options(plan, args)
         else:
-            plan = plan_from_analysis(analysis, args.ratio if args.ratio is not None else 0.0,
-                                      method="flexigpt" if method in ("drop", "foldgpt") else method,
-                                      extend_mode=args.extend_mode)
+            ratio = args.ratio if args.ratio is not None else 0.0
+            scores, selection = _select_scores(analysis, args.select, ratio)
+            plan = plan_from_analysis(analysis, ratio, method="flexigpt" if method in ("drop", "foldgpt") else method,
+                                      extend_mode=args.extend_mode, scores=scores, selection=selection)
     else:
         plan = Plan.from_json(Path(args.from_plan).read_text()) if Path(args.from_plan).is_file() else None
         if plan is None:

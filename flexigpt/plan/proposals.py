@@ -83,11 +83,13 @@ def plan_from_scores(
 
 def plan_from_analysis(analysis: Mapping[str, Any], ratio: float, *, method: str = "flexigpt",
                        adapter: AdapterSpec | None = None, protect: Iterable[int] = (), extend_mode: str = "block",
-                       metric: str | None = None, rank: int | None = None, group_size: int = 2) -> Plan:
+                       metric: str | None = None, rank: int | None = None, group_size: int = 2,
+                       scores: Sequence[float] | None = None, selection: str | None = None) -> Plan:
     """A plan from an ``analysis.json`` dict (see the schema in the docs).
 
-    Uses ``block_influence`` for the selection and the share-error matrix named by
-    ``donor_suggestion`` (its ``metric`` and ``rank``; override with ``metric``/``rank``).
+    Uses ``block_influence`` for the selection (or ``scores``, low = removable, described by
+    ``selection``: e.g. the removal order of iterative selection) and the share-error matrix named
+    by ``donor_suggestion`` (its ``metric`` and ``rank``; override with ``metric``/``rank``).
     """
     if not isinstance(analysis, Mapping):
         raise ValueError(f"analysis must be a JSON object, got {type(analysis).__name__}")
@@ -109,8 +111,13 @@ def plan_from_analysis(analysis: Mapping[str, Any], ratio: float, *, method: str
              "analysis_seq_len": analysis.get("seq_len"),
              "donor_metric": metric if matrix is not None else "nearest kept block",
              "donor_rank": rank if matrix is not None else None}
-    return plan_from_scores(str(analysis["model"]), bi, ratio, share_error=matrix, method=method, adapter=adapter,
-                            protect=protect, extend_mode=extend_mode, group_size=group_size, notes=notes)
+    if scores is not None:
+        if len(scores) != L:
+            raise ValueError(f"selection scores must list {L} values, got {len(scores)}")
+        notes["selection"] = selection or "given scores"
+    return plan_from_scores(str(analysis["model"]), bi if scores is None else scores, ratio, share_error=matrix,
+                            method=method, adapter=adapter, protect=protect, extend_mode=extend_mode,
+                            group_size=group_size, notes=notes)
 
 
 def _span_plan(analysis: Mapping[str, Any], L: int, bi: Sequence[float], ratio: float, target, adapter: AdapterSpec,
