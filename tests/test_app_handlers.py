@@ -279,3 +279,7 @@ def test_span_methods_in_the_plan_tab(tiny_folder, tiny_text_file, request_, mon
     assert shorter.spans == ((start, end - 1),) and shorter.method == "replaceme"
     status, choices, _ = build_tab.on_build(plan, data, False, 0, request_)
     assert "linear map error" in status and choices["value"].startswith("replaceme")
+    # iterative selection (SLEB) proposes the pruned blocks instead of Block Influence
+    sleb = plan_tab.on_iterative(0.34, "drop (ShortGPT)", 4, request_, progress=lambda *a, **k: None)
+    assert sleb.method == "drop" and len(sleb.pruned_blocks) == 2 and "SLEB" in sleb.note("selection")
+    assert "Blocks chosen by: iterative (SLEB)" in plan_tab.on_render(sleb, request_)[4]

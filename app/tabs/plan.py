@@ -12,7 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from app import figures, limits, tables, text
-from app.common import PLANS_DIR, fmt_params, session_key, user_errors
+from app.common import PLANS_DIR, fmt_params, heavy, session_key, user_errors
 from app.session import REGISTRY, work
 from flexigpt.methods import methods as registered_methods
 
@@ -54,6 +54,41 @@ def on_propose(ratio: float, method_label: str, rank: int, request: gr.Request =
                                 notes={"gates_steps": steps, "analysis_data": analysis.get("data")})
         return plan_from_analysis(analysis, ratio, method="foldgpt", adapter=AdapterSpec(rank=rank), group_size=size)
     return plan_from_analysis(analysis, ratio, method=method, adapter=AdapterSpec(rank=rank, align=bool(align)))
+
+
+SLEB_WINDOWS, SLEB_SEQ_LEN = 8, 128  # calibration for iterative selection (enough to rank blocks)
+
+
+@user_errors
+def on_iterative(ratio: float, method_label: str, rank: int, request: gr.Request = None, group_size: int = 2,
+                 align: bool = False, progress=gr.Progress()):
+    """A fresh plan whose pruned blocks come from iterative selection (SLEB: remove the block whose
+    removal raises calibration perplexity least, re-measure on the cut model, repeat); cached."""
+    from flexigpt.data import token_windows
+    from flexigpt.plan import AdapterSpec, plan_from_analysis
+    from flexigpt.selection import iterative_selection
+
+    analysis = _analysis(session_key(request))
+    method = METHODS.get(method_label, method_label)
+    ratio = limits.check_float("prune ratio", ratio, 0.0, 0.9)
+    rank = limits.check_int("adapter rank", rank, 1, 4096)
+    L = int(analysis["num_blocks"])
+    n = int(round(ratio * L))
+    if n < 1:
+        raise ValueError(f"ratio {ratio} prunes no block of {L}; move the ratio slider up first")
+    loaded = REGISTRY.get(str(analysis["model"]))
+    windows = token_windows(loaded.tokenizer, limits.check_data_ref(str(analysis.get("data") or "default")),
+                            seq_len=SLEB_SEQ_LEN, split="train", max_windows=SLEB_WINDOWS)
+    progress(0.0, desc=f"iterative selection of {n} blocks")
+    result = iterative_selection(loaded.model, windows, n, callback=lambda f, m: progress(f, desc=m))
+    return plan_from_analysis(analysis, ratio, method=method, adapter=AdapterSpec(rank=rank, align=bool(align)),
+                              group_size=limits.check_int("group size", group_size, 1, 64), scores=result.scores(L),
+                              selection="iterative (SLEB)")
+
+
+def iterative_view(ratio: float, method_label: str, rank: int, group_size: int = 2, align: bool = False,
+                   request: gr.Request = None, progress=gr.Progress()) -> tuple:
+    return _views(on_iterative(ratio, method_label, rank, request, group_size, align, progress), request)
 
 
 HAND_DONORS = "hand_donors"  # plan note: pruned blocks whose donor was picked by hand
@@ -199,6 +234,9 @@ def plan_message(plan, info: dict, counts) -> str:
     """A plain summary of the plan, and warnings worth reading before building."""
     base = info["num_parameters"]
     lines = []
+    selection = plan.note("selection")
+    if selection and plan.method != "foldgpt" and selection != "lowest block influence":
+        lines.append(f"Blocks chosen by: {selection}.")
     if plan.method == "flexigpt":
         pairs = ", ".join(f"{b}←{'no donor' if d is None else d}" for b, d in sorted(plan.donors.items())) or "none"
         lines.append(f"**FlexiGPT**: {len(plan.pruned_blocks)} of {plan.num_blocks} blocks pruned; their slots "
@@ -356,6 +394,9 @@ def render(ctx) -> None:
             align = gr.Checkbox(False, label="align donors (permutation) before fitting the adapter", elem_id="align")
             group_size = gr.Number(2, label="FoldGPT group size (kept blocks sharing one block's weights)",
                                    precision=0, minimum=1, elem_id="group-size")
+    with gr.Row():
+        sleb = gr.Button("Choose the blocks by iterative selection (SLEB, about a minute)", elem_id="sleb-btn",
+                         size="sm")
     message = gr.Markdown("No plan yet.", elem_id="plan-message")
     slots = gr.Plot(label="resulting stack", elem_id="slots-plot")
     with gr.Row():
@@ -393,6 +434,7 @@ def render(ctx) -> None:
     proposing = [ratio, method, rank, group_size, align]
     ctx.analysis_token.change(analysis_view, [ctx.plan, *proposing], out, **fast)
     ratio.release(propose_view, proposing, out, api_name="propose", **fast)
+    sleb.click(iterative_view, proposing, out, api_name="propose_iterative", **heavy())
     method.input(method_view, [ctx.plan, method, ratio, rank, group_size, align], out, api_name="plan_method", **fast)
     group_size.submit(group_size_view, [ctx.plan, group_size], out, api_name="plan_group_size", **fast)
     group_size.blur(group_size_view, [ctx.plan, group_size], out, **fast)
