@@ -1,12 +1,14 @@
-"""Does the pruned sub-network draft well for its FlexiGPT model? Self-speculative decoding, measured.
+"""Does self-speculative decoding pay off? Plain greedy vs exact self-speculative decoding, measured.
 
-For 20 chat prompts, greedy replies of a FlexiGPT model decoded plainly and self-speculatively
-(the same network with its replacement slots skipped drafts, the full model verifies), timed
-side by side in one process. Checks that every reply is identical, and prints the acceptance
-rate and the speed-up for each draft length.
+For each model (the original embedded model, a FlexiGPT export, ...), 20 chat prompts are answered
+greedily twice in one process, interleaved prompt by prompt: plainly (our chat decoding path) and
+self-speculatively with the draft chosen by measured speed (``flexigpt.draft_search``: skipped
+attention/MLP sub-layers, a lower-precision or shorter-vocabulary draft, adaptive stopping; the
+choice is searched once per model and cached). Checks that every reply is identical, and prints
+acceptance, tokens per second and the speed-up.
 
-    python bench/speculative.py --model runs/m1          # a FlexiGPT export (e.g. after `build --steps 100`)
-    python bench/speculative.py --ratio 0.3              # builds the plan from the embedded model, no recovery
+    python bench/speculative.py --models default,runs/m1 --json     # the original and a FlexiGPT export
+    python bench/speculative.py --models default --prompts 4         # smoke run
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from flexigpt.chat import reply  # noqa: E402
+from flexigpt.draft_search import self_draft  # noqa: E402
 from flexigpt.models import load_model  # noqa: E402
-from flexigpt.speculative import draft_for, speculative_reply  # noqa: E402
+from flexigpt.speculative import speculative_reply  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?", "Name three primary colors.", "What is 12 times 12?",
@@ -36,55 +39,53 @@ PROMPTS = [
 ]
 
 
+def _bench(ref: str, prompts: list[str], max_new_tokens: int) -> dict:
+    loaded = load_model(ref)
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    t = time.perf_counter()
+    draft = self_draft(model, tok)  # searched once per model, then cached
+    search_s = time.perf_counter() - t
+    config = draft.choice.config
+    reply(model, tok, "Hello", max_new_tokens=4)  # warm-up of both paths
+    speculative_reply(model, tok, "Hello", draft=draft, max_new_tokens=4)
+    plain_s, spec_s, same, drafted, accepted, tokens = [], [], 0, 0, 0, 0
+    for p in prompts:  # interleaved, so both see the same machine load
+        t = time.perf_counter()
+        expected = reply(model, tok, p, max_new_tokens=max_new_tokens)
+        plain_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        text, stats = speculative_reply(model, tok, p, draft=draft, max_new_tokens=max_new_tokens)
+        spec_s.append(time.perf_counter() - t)
+        same += text == expected
+        drafted, accepted, tokens = drafted + stats.drafted, accepted + stats.accepted, tokens + stats.new_tokens
+    run = {"model": ref, "prompts": len(prompts), "identical": same, "tokens": tokens,
+           "acceptance_rate": accepted / drafted if drafted else 0.0, "plain_s": sum(plain_s),
+           "speculative_s": sum(spec_s), "plain_tokens_per_s": tokens / sum(plain_s),
+           "speculative_tokens_per_s": tokens / sum(spec_s), "speedup": sum(plain_s) / sum(spec_s),
+           "median_speedup": statistics.median(a / b for a, b in zip(plain_s, spec_s)),
+           "draft": {"precision": config.precision, "skip_attention": list(config.skip_attn),
+                     "skip_mlp": list(config.skip_mlp), "draft_vocab": config.draft_vocab,
+                     "max_draft": config.max_draft, "source": draft.choice.source,
+                     "search_seconds": round(search_s, 1)}}
+    print(f"{ref}: {same}/{len(prompts)} replies identical, acceptance {100 * run['acceptance_rate']:.1f}%, "
+          f"plain {run['plain_tokens_per_s']:.1f} tok/s vs speculative {run['speculative_tokens_per_s']:.1f} tok/s "
+          f"-> x{run['speedup']:.2f} (median per prompt x{run['median_speedup']:.2f}); draft {run['draft']}",
+          flush=True)
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="a FlexiGPT export (default: build one from the embedded model)")
-    ap.add_argument("--ratio", type=float, default=0.3)
+    ap.add_argument("--models", default="default", help="comma-separated model references (the embedded "
+                    "original 'default', FlexiGPT exports, ...)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--draft-lens", default="2,4")
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    if args.model:
-        loaded = load_model(args.model)
-        model, tok, source = loaded.model, loaded.tokenizer, args.model
-    else:
-        from flexigpt.analysis import analyze
-        from flexigpt.plan import plan_from_analysis
-        from flexigpt.surgery import apply_plan
-
-        loaded = load_model("default")
-        analysis = analyze(loaded.model, loaded.tokenizer, samples=32, seq_len=256, ratio=args.ratio).to_dict()
-        model = apply_plan(loaded.model, plan_from_analysis(analysis, args.ratio))
-        tok, source = loaded.tokenizer, f"default, ratio {args.ratio}, no recovery"
-    draft = draft_for(model)
     prompts = PROMPTS[: args.prompts]
-    result = {"model": source, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "runs": []}
-    reply(model, tok, "Hello", max_new_tokens=4)  # warm-up
-    plain_s, plain_texts = [], []
-    for p in prompts:
-        t = time.perf_counter()
-        plain_texts.append(reply(model, tok, p, max_new_tokens=args.max_new_tokens))
-        plain_s.append(time.perf_counter() - t)
-    for k in [int(x) for x in args.draft_lens.split(",")]:
-        spec_s, drafted, accepted, tokens, same = [], 0, 0, 0, 0
-        for p, expected in zip(prompts, plain_texts):
-            t = time.perf_counter()
-            text, stats = speculative_reply(model, tok, p, draft=draft, max_new_tokens=args.max_new_tokens, draft_len=k)
-            spec_s.append(time.perf_counter() - t)
-            drafted += stats.drafted
-            accepted += stats.accepted
-            tokens += stats.new_tokens
-            same += text == expected
-        run = {"draft_len": k, "identical": same, "acceptance_rate": accepted / drafted if drafted else 0.0,
-               "plain_s": sum(plain_s), "speculative_s": sum(spec_s), "speedup": sum(plain_s) / sum(spec_s),
-               "median_speedup": statistics.median(a / b for a, b in zip(plain_s, spec_s)), "tokens": tokens}
-        result["runs"].append(run)
-        print(f"draft_len {k}: {same}/{len(prompts)} replies identical, acceptance {100 * run['acceptance_rate']:.1f}%, "
-              f"plain {run['plain_s']:.1f} s vs speculative {run['speculative_s']:.1f} s -> speed-up x{run['speedup']:.2f} "
-              f"({tokens} tokens)")
+    runs = [_bench(ref.strip(), prompts, args.max_new_tokens) for ref in args.models.split(",") if ref.strip()]
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({"max_new_tokens": args.max_new_tokens, "greedy": True, "runs": runs}))
 
 
 if __name__ == "__main__":
