@@ -146,6 +146,8 @@ class SpeedRow:
     forward_ratio: float
     throughput_ratio: float
     parameters: int
+    forward_spread: float = 0.0  # (max - min) / median over the repeats
+    generate_spread: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -241,12 +243,17 @@ def compare_speed(
         for name, m in models.items():
             m.train(modes[name])
     rows, first = [], None
+    def spread(values: list[float]) -> float:
+        return (max(values) - min(values)) / statistics.median(values)
+
     for name, model in models.items():
         fwd = statistics.median(t[0] for t in times[name])
         tps = new_tokens / statistics.median(t[1] for t in times[name])
         first = first or (fwd, tps)
         rows.append(SpeedRow(name=name, forward_s=fwd, tokens_per_s=tps, forward_ratio=fwd / first[0],
-                             throughput_ratio=tps / first[1], parameters=parameter_count(model)))
+                             throughput_ratio=tps / first[1], parameters=parameter_count(model),
+                             forward_spread=spread([t[0] for t in times[name]]),
+                             generate_spread=spread([t[1] for t in times[name]])))
     device = _device(next(iter(models.values())))
     protocol = {"prompt_tokens": int(ids.shape[1]), "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup,
                 "batch_size": 1, "device": str(device), "threads": torch.get_num_threads(),
