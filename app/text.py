@@ -100,9 +100,10 @@ tensor once; run cost counts the parameters each forward pass goes through.
 CHAT_HELP = """
 The same message goes to the **original** model and the **built** model; both answers stream side by
 side using the model's chat template. A small model pruned without much recovery will often ramble:
-that is the honest result. **Speculative decoding** answers with the built model exactly as plain
-greedy decoding would, but lets the model without its shared slots guess a few tokens that the full
-model then checks in one pass; it needs temperature 0 and shows how many guesses were accepted.
+that is the honest result. **Speculative decoding** answers with both models exactly as plain
+greedy decoding would, but lets each model, with some of its own sub-layers skipped (the set that
+decoded fastest on this machine), guess a few tokens that the full model then checks in one pass;
+it needs temperature 0 and shows how many guesses were accepted.
 **Fidelity check** asks both models a fixed set of short questions with known answers and reports
 the share each answers correctly, how often the built model's first tokens equal the original's,
 and the prompts the built model loses.

@@ -64,7 +64,9 @@ def test_gates_foldgpt_plan_and_speculative_chat(tiny_folder, tiny_text_file, re
     plain = list(chat_tab.on_chat(*args))[-1]
     fast = list(chat_tab.on_chat(*args, True))[-1]
     assert fast[1][-1]["content"] == plain[1][-1]["content"]  # exact: the same greedy reply
+    assert fast[0][-1]["content"] == plain[0][-1]["content"]  # the original too drafts for itself, exactly
     assert "Speculative decoding of the built model" in fast[3] and "accepted" in fast[3]
+    assert "Speculative decoding of the original" in fast[3]
     assert "Speculative" not in plain[3]
     with pytest.raises(gr.Error, match="temperature to 0"):
         list(chat_tab.on_chat("w1 w2", name, [], [], 6, 0.7, 1.0, tiny_folder, request_, True))

@@ -83,7 +83,8 @@ def _model_for(key: str, name: str, model_ref: str):
     return b.model, b.tokenizer
 
 
-SPECULATIVE_INFO = "the same reply as greedy decoding, drafted by the model without its shared slots"
+SPECULATIVE_INFO = ("the same replies as greedy decoding, for both models: each drafts with some of its own "
+                    "sub-layers skipped (chosen by measured speed) and checks the draft in one pass")
 SPECULATIVE_OFF = "needs temperature 0 (greedy): speculative decoding here is exact only for greedy replies"
 
 
@@ -97,12 +98,12 @@ def speculative_reply_stream(model, tokenizer, messages, max_new_tokens: int, st
     yield text
 
 
-def speculative_status(stats: dict) -> str:
+def speculative_status(stats: dict, who: str = "the built model") -> str:
     """The line under the reply: acceptance rate and timing of a speculative reply."""
     if not stats:
         return ""
     tps = stats["tokens"] / stats["seconds"] if stats["seconds"] > 0 else 0.0
-    return (f" Speculative decoding of the built model: {stats['accepted']} of {stats['drafted']} drafted tokens "
+    return (f" Speculative decoding of {who}: {stats['accepted']} of {stats['drafted']} drafted tokens "
             f"accepted (**{100 * stats['rate']:.0f} %**); {stats['tokens']} tokens from {stats['calls']} full-model "
             f"passes in {stats['seconds']:.2f} s ({tps:.1f} tokens/s); the reply equals plain greedy decoding.")
 
@@ -152,9 +153,16 @@ def on_chat(message: str, build: str, left: list, right: list, max_new_tokens: i
     left = plain_messages(left, lim.history_chars) + [{"role": "user", "content": message}]
     right = plain_messages(right, lim.history_chars) + [{"role": "user", "content": message}]
     stats: dict = {}
+    base_stats: dict = {}
     built_stream = (speculative_reply_stream(built_model, built_tok, list(right), settings["max_new_tokens"], stats)
                     if speculative else stream_reply(built_model, built_tok, list(right), **settings))
-    streams = [stream_reply(base_model, tok, list(left), **settings), built_stream]
+    # the original drafts for itself too (skipped sub-layers chosen by measured speed), where the runner supports it
+    from flexigpt.runner import runner_support
+
+    base_speculative = speculative and runner_support(base_model) is None
+    base_stream = (speculative_reply_stream(base_model, tok, list(left), settings["max_new_tokens"], base_stats)
+                   if base_speculative else stream_reply(base_model, tok, list(left), **settings))
+    streams = [base_stream, built_stream]
     replies, first, start = ["", ""], [None, None], time.perf_counter()
     left.append({"role": "assistant", "content": ""})
     right.append({"role": "assistant", "content": ""})
@@ -167,7 +175,8 @@ def on_chat(message: str, build: str, left: list, right: list, max_new_tokens: i
     firsts = ", ".join(f"{n}: {'n/a' if f is None else f'{f:.1f} s'}" for n, f in zip((ORIGINAL, build), first))
     note = f" Note: your message was changed: {'; '.join(notes)}." if notes else ""
     yield (left, right, "",
-           f"First token after {firsts}; total {time.perf_counter() - start:.1f} s.{speculative_status(stats)}{note}")
+           f"First token after {firsts}; total {time.perf_counter() - start:.1f} s."
+           f"{speculative_status(base_stats, 'the original')}{speculative_status(stats)}{note}")
 
 
 FIDELITY_TOKENS = 48  # max new tokens per fidelity prompt (the library's default protocol)
