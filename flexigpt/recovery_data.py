@@ -16,8 +16,9 @@ from typing import Any
 
 import torch.nn as nn
 
-from flexigpt.chat_data import chat_data, mix_windows
+from flexigpt.chat_data import chat_data, distill_prompts, mix_windows
 from flexigpt.data import Windows, token_windows
+from flexigpt.prompt_sets import PromptSet
 
 __all__ = ["CHAT", "MIXED", "RECOVERY_SOURCES", "has_chat_template", "recovery_windows"]
 
@@ -36,7 +37,8 @@ def _first(windows: Windows, n: int | None) -> Windows:
 
 
 def recovery_windows(base: nn.Module, tokenizer: Any, ref: str, *, text: str = "default", seq_len: int = 256,
-                     max_windows: int | None = None, max_len: int | None = None, fraction: float = 0.5) -> Windows:
+                     max_windows: int | None = None, max_len: int | None = None, fraction: float = 0.5,
+                     prompts: int | None = None) -> Windows:
     """Train windows for recovery (or calibration) from ``ref``.
 
     Args:
@@ -46,6 +48,8 @@ def recovery_windows(base: nn.Module, tokenizer: Any, ref: str, *, text: str = "
         text: the text mixed in by ``mixed``.
         seq_len, max_windows, max_len: as ``flexigpt.data.token_windows``.
         fraction: the share of chat windows in ``mixed``.
+        prompts: use only the first ``prompts`` distillation prompts (fewer replies to generate
+            when little data is needed, as in the app's short recoveries); ``None``: all.
 
     Raises:
         ValueError: ``chat``/``mixed`` with a tokenizer that has no chat template, and every
@@ -56,7 +60,12 @@ def recovery_windows(base: nn.Module, tokenizer: Any, ref: str, *, text: str = "
     if not has_chat_template(tokenizer):
         raise ValueError(f"recovery data {ref!r} is the original model's own chat replies, but this tokenizer has no "
                          f"chat template; use a text such as 'default'")
-    chat = chat_data(base, tokenizer).windows(seq_len=seq_len)
+    pset = distill_prompts()
+    if prompts is not None:
+        if isinstance(prompts, bool) or not isinstance(prompts, int) or prompts < 1:
+            raise ValueError(f"prompts must be a positive integer or None, got {prompts!r}")
+        pset = PromptSet(name=f"{pset.name}, first {prompts}", items=pset.items[:prompts])
+    chat = chat_data(base, tokenizer, prompts=pset).windows(seq_len=seq_len)
     if ref == CHAT:
         return _first(chat, max_windows)
     plain = token_windows(tokenizer, text, seq_len=seq_len, split="train", max_len=max_len)
