@@ -4,7 +4,7 @@ A *span* ``(start, end)`` is a contiguous run of 0-based block ids, ``end`` excl
 deletes the span and fits one ``d x d`` matrix ``T`` so that the block before the span, with its
 MLP output ``M`` multiplied by ``T``, lands where the span used to end:
 
-    (h_s - M) + M T  ~  h_e,        T = (M^T M + alpha I)^{-1} M^T (h_e - h_s + M)
+    (h_s - M) + M T  ~  h_e,        T = (M^T M + alpha I)^{-1} (M^T (h_e - h_s + M) + alpha I)
 
 where ``h_s`` is the state leaving block ``start - 1`` and ``h_e`` the state leaving block
 ``end - 1``, over every calibration token. Both Gram products are accumulated in float64. ``T``
@@ -106,13 +106,16 @@ def _accumulate(model: nn.Module, span: Span, ids: torch.Tensor, batch_size: int
 
 
 def _solve(mtm: torch.Tensor, mty: torch.Tensor, ridge: float) -> torch.Tensor:
-    a = mtm + ridge * torch.eye(mtm.shape[0], dtype=torch.float64)
+    """``argmin ||M T - Y||^2 + ridge ||T - I||^2``: the ridge pulls ``T`` toward the identity, that
+    is toward the plain drop of the span, never toward removing the MLP output (``T = 0``)."""
+    eye = torch.eye(mtm.shape[0], dtype=torch.float64)
+    a, rhs = mtm + ridge * eye, mty + ridge * eye
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
-        return torch.cholesky_solve(mty, chol)
+        return torch.cholesky_solve(rhs, chol)
     # Singular Gram matrix (fewer tokens than dimensions, dead MLP channels): minimum-norm solution.
     log.warning("M^T M is singular at ridge %g; using the pseudo-inverse (consider a ridge > 0)", ridge)
-    return torch.linalg.pinv(a, hermitian=True) @ mty
+    return torch.linalg.pinv(a, hermitian=True) @ rhs
 
 
 def _check_fit_args(ridge: float, batch_size: int) -> None:
@@ -122,24 +125,28 @@ def _check_fit_args(ridge: float, batch_size: int) -> None:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
-def fit_span(model: nn.Module, span: Sequence[int], windows: Any, *, ridge: float = 0.0, batch_size: int = 8) -> SpanFit:
+def fit_span(model: nn.Module, span: Sequence[int], windows: Any, *, ridge: float = 0.0, ridge_scale: float = 0.0,
+             batch_size: int = 8) -> SpanFit:
     """Fit ``T`` for one span of ``model`` on calibration ``windows`` (see the module docstring).
 
     Args:
         model: a supported pre-norm ``*ForCausalLM``; it is not modified.
         span: ``(start, end)`` with ``1 <= start < end <= L``.
         windows: ``flexigpt.data.Windows`` (use the train split) or an ``(N, T)`` id tensor.
-        ridge: ``alpha >= 0`` added to the diagonal of ``M^T M``.
+        ridge: ``alpha >= 0`` added to the diagonal of ``M^T M``; it pulls ``T`` toward the identity.
+        ridge_scale: adds ``ridge_scale`` x the mean diagonal of ``M^T M`` to ``alpha`` (scale-free).
         batch_size: windows per forward pass.
 
     Raises:
         ValueError: a bad span, ridge, batch size or windows.
     """
     _check_fit_args(ridge, batch_size)
+    _check_fit_args(ridge_scale, batch_size)
     _check_prenorm(model)
     (s, e), = check_spans([span], len(get_blocks(model)))
     mtm, mty, yty, drop_err, tokens = _accumulate(model, (s, e), window_ids(windows), batch_size)
-    t = _solve(mtm, mty, float(ridge))
+    alpha = float(ridge) + float(ridge_scale) * float(mtm.diagonal().mean())
+    t = _solve(mtm, mty, alpha)
     err = yty - 2 * float((t * mty).sum()) + float((t * (mtm @ t)).sum())
     return SpanFit(span=(s, e), transform=t, tokens=tokens, error_vs_drop=max(err, 0.0) / max(drop_err, 1e-300))
 
@@ -194,7 +201,8 @@ def _has(block: nn.Module, path: str) -> bool:
 
 
 def replaceme(model: nn.Module, spans: Sequence[Sequence[int]], windows: Any, *, ridge: float = 0.0,
-              batch_size: int = 8, progress: Callable[[float, str], None] | None = None) -> nn.Module:
+              ridge_scale: float = 0.0, batch_size: int = 8,
+              progress: Callable[[float, str], None] | None = None) -> nn.Module:
     """A NEW model with every span replaced by a fitted linear map folded into the block before it.
 
     The input model is not modified: the result is a ``structural_copy`` (shared tensors) whose
@@ -207,7 +215,8 @@ def replaceme(model: nn.Module, spans: Sequence[Sequence[int]], windows: Any, *,
         model: a supported pre-norm ``*ForCausalLM``.
         spans: ``[start, end)`` pairs (see ``check_spans``; a span may not start at block 0).
         windows: calibration windows (train split) or an ``(N, T)`` id tensor.
-        ridge: ``alpha >= 0`` for every fit.
+        ridge: ``alpha >= 0`` for every fit (toward the identity, the plain drop).
+        ridge_scale: a scale-free part of ``alpha``: this many times the mean diagonal of ``M^T M``.
         batch_size: windows per forward pass.
         progress: ``progress(fraction, message)`` after each span.
 
@@ -215,6 +224,7 @@ def replaceme(model: nn.Module, spans: Sequence[Sequence[int]], windows: Any, *,
         ValueError: bad spans (naming the span and the valid range), ridge, batch size or windows.
     """
     _check_fit_args(ridge, batch_size)
+    _check_fit_args(ridge_scale, batch_size)
     _check_prenorm(model)
     spec = arch_of(model)
     L = len(get_blocks(model))
@@ -229,7 +239,7 @@ def replaceme(model: nn.Module, spans: Sequence[Sequence[int]], windows: Any, *,
     fits: list[SpanFit] = []
     for n, (start, end) in enumerate(spans):
         s, e = sources.index(start), sources.index(end - 1) + 1  # positions in the already-cut model
-        fit = fit_span(new, (s, e), ids, ridge=ridge, batch_size=batch_size)
+        fit = fit_span(new, (s, e), ids, ridge=ridge, ridge_scale=ridge_scale, batch_size=batch_size)
         blocks = list(get_blocks(new))
         fold_transform_(blocks[s - 1], fit.transform, spec)
         kept = blocks[:s] + blocks[e:]

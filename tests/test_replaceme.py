@@ -62,7 +62,8 @@ def test_ridge_matches_closed_form(tiny_model):
     ids = _ids()
     m, h_s, h_e = _activations(tiny_model, ids, (1, 3))
     y = h_e - h_s + m
-    ref = torch.linalg.solve(m.T @ m + 5.0 * torch.eye(64, dtype=torch.float64), m.T @ y)
+    eye = torch.eye(64, dtype=torch.float64)  # the ridge pulls T toward the identity (the plain drop)
+    ref = torch.linalg.solve(m.T @ m + 5.0 * eye, m.T @ y + 5.0 * eye)
     torch.testing.assert_close(fit_transform(tiny_model, (1, 3), ids, ridge=5.0), ref, rtol=1e-7, atol=1e-8)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from flexigpt.export import load_compact, save_compact, save_merged
 from flexigpt.methods import get_method
+from flexigpt.methods.replaceme import RIDGE_SCALE
 from flexigpt.params import estimate_params, measure_params
 from flexigpt.pipeline import build, needs_calibration
 from flexigpt.plan import Plan
@@ -76,7 +77,7 @@ def test_replaceme_build_equals_the_fitted_model_and_stores_a_plain_drop(base, c
     assert needs_calibration(plan)
     report = {}
     model = build(base, plan, calibration=calib, report=report)
-    reference = replaceme(base, [(2, 4)], calib)
+    reference = replaceme(base, [(2, 4)], calib, ridge_scale=RIDGE_SCALE)
     with torch.no_grad():
         torch.testing.assert_close(model(calib).logits, reference(calib).logits, rtol=0, atol=0)
         # the base is unchanged and the map did something (below a plain drop's error on its fit data)
@@ -110,6 +111,16 @@ def test_streamline_build_trains_its_span_block_and_reloads(base, calib, tmp_pat
     save_compact(model, plan, None, tmp_path / "c")
     with torch.no_grad():
         assert torch.equal(load_compact(tmp_path / "c").model(calib).logits, model(calib).logits)
+
+
+def test_ridge_pulls_the_map_toward_the_identity(base, calib):
+    """A huge ridge gives T = I (the plain drop), never T = 0; no ridge gives least squares."""
+    from flexigpt.replaceme import fit_span
+
+    free, tight = fit_span(base, (2, 4), calib), fit_span(base, (2, 4), calib, ridge_scale=1e9)
+    eye = torch.eye(free.transform.shape[0], dtype=torch.float64)
+    assert torch.allclose(tight.transform, eye, atol=1e-6) and tight.error_vs_drop == pytest.approx(1.0, abs=1e-5)
+    assert free.error_vs_drop <= tight.error_vs_drop
 
 
 def test_lowest_spans_skip_block_zero_for_replaceme():
