@@ -144,7 +144,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, defaults: dict[str, Any] |
         default = defaults.get(f.name, f.default)
         kind = _TYPES.get(f.name, float)
         kw: dict[str, Any] = {"type": kind, "default": default, "dest": f.name,
-                              "help": f"{help_overrides.get(f.name, f.metadata['help'])} (default {default})"}
+                              "help": help_overrides.get(f.name, f.metadata['help'])
+                              + ("" if default is None else f" (default {default})")}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         parser.add_argument("--" + f.name.replace("_", "-"), **kw)
