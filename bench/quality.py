@@ -10,11 +10,12 @@ the same recovery data, steps and tokens for every trained row:
 - drop + LoRA (=rN)          LoRA on the kept blocks at the trainable-parameter count of FlexiGPT rN
 - flexigpt r8 (svd, one lr)  FlexiGPT as first shipped: SVD init, one learning rate for everything
 - flexigpt r8 (defaults)     what `plan` then `build --steps N` gives with no other flag (svd init,
-                             gate learning-rate multiplier)
+                             gate learning-rate multiplier, no donor where the analysis' function
+                             metric finds the block's own rank-r fit better than any donor)
 - flexigpt r8 (whitened)     whitened init with closed-form output scales
 - flexigpt r8 (+ fit N)      whitened init plus block-local fitting of each slot before recovery
-- flexigpt r8 no donor       every slot runs only its own rank-8 factors of its pruned block (no
-                             shared donor weights): does sharing a donor help at all?
+- flexigpt r8 shared donors  every slot shares its best donor (`plan --keep-donors`): does sharing
+                             a donor help at all?
 - flexigpt r32 (defaults)    the same at rank 32
 - replaceme                  ReplaceMe: the lowest angular-distance span of as many blocks, cut, and
                              one least-squares linear map folded into the block before it (no training)
@@ -90,10 +91,9 @@ def _rows(args, analysis, base) -> tuple[list[Row], Plan]:
     rows.append(Row("flexigpt r8 (whitened, gate lr)", first.with_adapter(init="whitened")))
     rows.append(Row(f"flexigpt r8 (whitened + fit {args.fit_steps})", first.with_adapter(init="whitened"),
                     fit_steps=args.fit_steps))
-    alone = first
-    for blk in first.pruned_blocks:
-        alone = alone.with_donor(blk, None)
-    rows.append(Row(f"flexigpt r8 no donor (defaults: {defaults.init}, gate lr)", alone))
+    shared = plan_from_analysis(analysis, args.ratio, method="flexigpt", adapter=AdapterSpec(rank=8), keep_donors=True)
+    if shared != first:
+        rows.append(Row(f"flexigpt r8 shared donors ({defaults.init}, gate lr)", shared))
     rows.append(Row(f"flexigpt r32 (defaults: {defaults.init})", flexi[32]))
     n = len(first.pruned_blocks)
     spans = {m: plan_from_analysis(analysis, args.ratio, method=m) for m in ("replaceme", "streamline")}

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from flexigpt.arch import ArchSpec, block_linears, get_submodule, set_submodule
 
-__all__ = ["ABSENT", "is_absent", "no_donor_copy", "own_prenorms", "structural_copy"]
+__all__ = ["ABSENT", "AbsentLinear", "is_absent", "no_donor_copy", "own_prenorms", "structural_copy"]
 
 ABSENT = "_flexigpt_absent"  # attribute of a linear whose weight (and bias) is absent: zero, not stored
 
@@ -33,6 +33,19 @@ def is_absent(linear: nn.Module) -> bool:
     return bool(getattr(linear, ABSENT, False))
 
 
+class AbsentLinear(nn.Linear):
+    """A no-donor slot's linear: its weight (and bias) is zero, so its product is skipped.
+
+    Still an ``nn.Linear`` (peft's LoRA wraps only those, and reads the weight's shape, dtype and
+    device), but ``forward`` returns zeros of the output's shape without the dense product: a
+    no-donor slot then costs only its LoRA, ``r (in + out)`` multiply-adds per token and linear,
+    instead of a full block's. Exact: ``x @ 0`` is zero.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
 def no_donor_copy(block: nn.Module, spec: ArchSpec) -> nn.Module:
     """A no-donor slot's module: ``block``'s structure with its own copies of every parameter except
     the linears' weights and biases, which become zero buffers that are not saved (non-persistent).
@@ -52,4 +65,6 @@ def no_donor_copy(block: nn.Module, spec: ArchSpec) -> nn.Module:
             delattr(lin, name)
             lin.register_buffer(name, torch.zeros(p.shape, dtype=p.dtype, device=p.device), persistent=False)
         setattr(lin, ABSENT, True)
+        if type(lin) is nn.Linear:  # the same object, its product skipped (see AbsentLinear)
+            lin.__class__ = AbsentLinear
     return module

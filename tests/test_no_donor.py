@@ -126,3 +126,52 @@ def test_cli_donor_none(tmp_path, capsys, tiny_folder):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["donors"]["2"] is None
     assert main(["plan", "--from-plan", str(src), "--donor", "2=nothing", "--out", str(tmp_path / "r.json")]) == 2
     assert "PRUNED=none" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+
+
+def _function_analysis(L: int, donor_error: float, alone: list[float]) -> dict:
+    """An analysis.json with a function-metric share error: every donor costs ``donor_error``."""
+    matrix = [[None if i == j else donor_error for j in range(L)] for i in range(L)]
+    return {"format_version": 1, "model": "tiny", "num_blocks": L, "block_influence": [float(b) for b in range(L)],
+            "share_error": {"function": {"8": matrix}, "no_donor": {"function": {"8": alone}}},
+            "donor_suggestion": {"metric": "function", "rank": 8}}
+
+
+def test_proposal_gives_no_donor_where_the_block_alone_fits_better():
+    from flexigpt.plan import plan_from_analysis
+
+    L = 6
+    # block 0 (lowest BI) is fitted better alone (0.3 < 0.5); block 1 is not (0.9 > 0.5)
+    analysis = _function_analysis(L, 0.5, [0.3, 0.9, 0.1, 0.1, 0.1, 0.1])
+    plan = plan_from_analysis(analysis, 2 / L)
+    assert plan.pruned_blocks == (0, 1)
+    assert plan.layer_map[0] is None and plan.layer_map[1] is not None
+    assert "donor_rule" in dict(plan.notes)
+    assert Plan.from_json(plan.to_json()) == plan
+    kept = plan_from_analysis(analysis, 2 / L, keep_donors=True)
+    assert None not in kept.layer_map
+    # a weight-space metric has no no-donor column: every slot keeps its donor
+    weight = dict(analysis, share_error={"relative": analysis["share_error"]["function"]},
+                  donor_suggestion={"metric": "relative", "rank": 8})
+    assert None not in plan_from_analysis(weight, 2 / L).layer_map
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt], ids=["llama", "opt"])
+def test_no_donor_linears_skip_their_zero_product_exactly(make):
+    """A no-donor slot's linears return zeros without the dense product; the logits are the ones
+    the zero weights give through ``nn.Linear``."""
+    from torch import nn
+
+    from flexigpt.slots import AbsentLinear
+
+    base = make()
+    model = apply_plan(base, _plan(base.config.num_hidden_layers, out_norm="scale"))
+    _open_gates(model)
+    absent = [m for m in model.modules() if is_absent(m)]
+    assert absent and all(type(m) is AbsentLinear for m in absent)
+    ids = torch.randint(0, base.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        skipped = model(ids).logits
+        for m in absent:
+            m.__class__ = nn.Linear
+        dense = model(ids).logits
+    assert torch.equal(skipped, dense)

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", default="", help="blocks to keep, e.g. 5")
     p.add_argument("--donor", action="append", default=[], help="set a donor: PRUNED=DONOR, e.g. 12=11, or PRUNED=none for a slot with no donor "
                    "(its own low-rank factors only; repeatable)")
+    p.add_argument("--keep-donors", action="store_true",
+                   help="with --analysis: give every flexigpt slot its best donor, even where the analysis finds "
+                        "the block reproduced better by its own low-rank fit (by default such a slot gets no donor)")
     p.add_argument("--method", choices=method_names(), default=None,
                    help="; ".join(f"{m.name}: {m.description}" for m in methods()))
     for m in methods():
@@ -164,7 +167,8 @@ def run(args: argparse.Namespace) -> dict:
             ratio = args.ratio if args.ratio is not None else 0.0
             scores, selection = _select_scores(analysis, args.select, ratio)
             plan = plan_from_analysis(analysis, ratio, method="flexigpt" if method in ("drop", "foldgpt") else method,
-                                      extend_mode=args.extend_mode, scores=scores, selection=selection)
+                                      extend_mode=args.extend_mode, scores=scores, selection=selection,
+                                      keep_donors=args.keep_donors)
     else:
         plan = Plan.from_json(Path(args.from_plan).read_text()) if Path(args.from_plan).is_file() else None
         if plan is None:

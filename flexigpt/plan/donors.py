@@ -3,7 +3,9 @@
 * ``nearest_kept``: the kept block nearest in depth (ties: the lower id), when nothing better is known;
 * ``choose_donors``: the row minima of a share-error matrix over the kept blocks (ties: nearest,
   then lower id; rows without a finite value fall back to ``nearest_kept``);
-* ``suggested_donor``: what an ``analysis.json`` suggests for one block pruned by hand.
+* ``suggested_donor``: what an ``analysis.json`` suggests for one block pruned by hand;
+* ``prefer_no_donor``: no donor where a rank-r fit of the block alone reproduces it better on real
+  inputs than its best donor plus that fit (the analysis' ``function`` metric measures both).
 
 Pure Python (no torch), so the plan editor can apply them on every edit.
 
@@ -17,7 +19,8 @@ from typing import Any
 
 from flexigpt.methods.base import nearest_kept
 
-__all__ = ["DONOR_METRICS", "choose_donors", "donor_matrix", "nearest_kept", "suggested_donor"]
+__all__ = ["DONOR_METRICS", "choose_donors", "donor_matrix", "nearest_kept", "no_donor_errors", "prefer_no_donor",
+           "suggested_donor"]
 
 DONOR_METRICS = ("relative", "absolute", "paper", "function")
 
@@ -75,6 +78,27 @@ def donor_matrix(analysis: Mapping[str, Any], metric: str | None = None, rank: i
     if se and rank is not None:
         matrix = (se.get(metric) or {}).get(str(rank))
     return metric, rank, matrix
+
+
+def no_donor_errors(analysis: Mapping[str, Any], metric: str, rank: int | None) -> list[Any] | None:
+    """Per block, the share error of a slot with no donor (a rank-``rank`` fit of the block alone),
+    in the same units as ``metric``'s matrix; ``None`` when the analysis did not measure it (only
+    the ``function`` metric does)."""
+    if rank is None:
+        return None
+    table = (((analysis.get("share_error") or {}).get("no_donor") or {}).get(metric) or {}).get(str(rank))
+    return list(table) if isinstance(table, list) else None
+
+
+def prefer_no_donor(donors: Mapping[int, int], error: Sequence[Sequence[Any]],
+                    no_donor: Sequence[Any]) -> dict[int, int | None]:
+    """``donors`` with ``None`` for every block whose no-donor error is at or below the error with
+    its donor (``error[i][donor]``); blocks with a missing value keep their donor."""
+    out: dict[int, int | None] = {}
+    for i, j in donors.items():
+        shared, alone = _value(error[i][j]), _value(no_donor[i]) if i < len(no_donor) else math.nan
+        out[i] = None if math.isfinite(shared) and math.isfinite(alone) and alone <= shared else j
+    return out
 
 
 def suggested_donor(analysis: Mapping[str, Any] | None, plan, block: int) -> int | None:

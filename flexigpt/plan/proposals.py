@@ -15,7 +15,8 @@ from typing import Any
 
 from flexigpt.methods import get_method
 from flexigpt.plan.core import Plan
-from flexigpt.plan.donors import _check_matrix, choose_donors, donor_matrix, suggested_donor
+from flexigpt.plan.donors import (_check_matrix, choose_donors, donor_matrix, no_donor_errors, prefer_no_donor,
+                                  suggested_donor)
 from flexigpt.plan.specs import AdapterSpec, ExtendSpec, NoteValue
 from flexigpt.spans import lowest_spans
 from flexigpt.validate import MAX_BLOCKS, MAX_RATIO
@@ -37,6 +38,7 @@ def plan_from_scores(
     extend_mode: str = "block",
     group_size: int = 2,
     notes: Mapping[str, NoteValue] | None = None,
+    no_donor: Sequence[float | None] | None = None,
 ) -> Plan:
     """Prune (or, for ``extend``, copy) the ``round(ratio * L)`` lowest-BI blocks.
 
@@ -53,6 +55,8 @@ def plan_from_scores(
         extend_mode: layout for ``extend`` (``block`` or ``sequential``).
         group_size: kept blocks per group for ``foldgpt``.
         notes: extra provenance stored in the plan.
+        no_donor: ``(L,)`` share error of a slot with no donor, in ``share_error``'s units; a pruned
+            block whose value is at or below its best donor's gets no donor (``prefer_no_donor``).
     """
     scores = list(block_influence)
     L = len(scores)
@@ -73,10 +77,14 @@ def plan_from_scores(
     if method == "extend":
         return extend_plan(base_model, L, chosen, extend_mode, adapter=adapter, notes=meta)
     kept = [b for b in range(L) if b not in chosen]
-    donors: dict[int, int] = {}
+    donors: dict[int, int | None] = {}
     if share_error is not None and chosen and target.chooses_donors:
         _check_matrix(share_error, L)
         donors = choose_donors(share_error, chosen)
+        if no_donor is not None and target.name == "flexigpt":
+            if len(no_donor) != L:
+                raise ValueError(f"no-donor errors must list {L} values, got {len(no_donor)}")
+            donors = prefer_no_donor(donors, share_error, no_donor)
     start = Plan(base_model, L, tuple(range(L)), "drop", adapter, notes=tuple(sorted(meta.items())))
     return target.from_pruned(start, set(chosen), donors=donors, group_size=group_size)
 
@@ -84,12 +92,16 @@ def plan_from_scores(
 def plan_from_analysis(analysis: Mapping[str, Any], ratio: float, *, method: str = "flexigpt",
                        adapter: AdapterSpec | None = None, protect: Iterable[int] = (), extend_mode: str = "block",
                        metric: str | None = None, rank: int | None = None, group_size: int = 2,
-                       scores: Sequence[float] | None = None, selection: str | None = None) -> Plan:
+                       scores: Sequence[float] | None = None, selection: str | None = None,
+                       keep_donors: bool = False) -> Plan:
     """A plan from an ``analysis.json`` dict (see the schema in the docs).
 
     Uses ``block_influence`` for the selection (or ``scores``, low = removable, described by
     ``selection``: e.g. the removal order of iterative selection) and the share-error matrix named
     by ``donor_suggestion`` (its ``metric`` and ``rank``; override with ``metric``/``rank``).
+    Where that metric also measured a slot without a donor (``function``), a flexigpt slot whose
+    block is reproduced better by its own rank-r fit gets no donor, as the analysis suggests;
+    ``keep_donors=True`` gives every slot its best donor instead.
     """
     if not isinstance(analysis, Mapping):
         raise ValueError(f"analysis must be a JSON object, got {type(analysis).__name__}")
@@ -106,18 +118,21 @@ def plan_from_analysis(analysis: Mapping[str, Any], ratio: float, *, method: str
     if target.uses_spans:
         return _span_plan(analysis, L, bi, ratio, target, adapter or AdapterSpec(), protect)
     metric, rank, matrix = donor_matrix(analysis, metric, rank)
+    alone = None if keep_donors or matrix is None else no_donor_errors(analysis, metric, rank)
     notes = {"analysis_model": analysis["model"], "analysis_fingerprint": analysis.get("fingerprint"),
              "analysis_data": analysis.get("data"), "analysis_samples": analysis.get("samples"),
              "analysis_seq_len": analysis.get("seq_len"),
              "donor_metric": metric if matrix is not None else "nearest kept block",
              "donor_rank": rank if matrix is not None else None}
+    if alone is not None and method == "flexigpt":
+        notes["donor_rule"] = "no donor where the block's own rank-r fit beats its best donor"
     if scores is not None:
         if len(scores) != L:
             raise ValueError(f"selection scores must list {L} values, got {len(scores)}")
         notes["selection"] = selection or "given scores"
     return plan_from_scores(str(analysis["model"]), bi if scores is None else scores, ratio, share_error=matrix,
                             method=method, adapter=adapter, protect=protect, extend_mode=extend_mode,
-                            group_size=group_size, notes=notes)
+                            group_size=group_size, notes=notes, no_donor=alone)
 
 
 def _span_plan(analysis: Mapping[str, Any], L: int, bi: Sequence[float], ratio: float, target, adapter: AdapterSpec,
