@@ -118,9 +118,9 @@ def _solve(mtm: torch.Tensor, mty: torch.Tensor, ridge: float) -> torch.Tensor:
     return torch.linalg.pinv(a, hermitian=True) @ rhs
 
 
-def _check_fit_args(ridge: float, batch_size: int) -> None:
+def _check_fit_args(ridge: float, batch_size: int, name: str = "ridge") -> None:
     if not isinstance(ridge, (int, float)) or isinstance(ridge, bool) or not math.isfinite(ridge) or ridge < 0:
-        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {ridge!r}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
@@ -141,7 +141,7 @@ def fit_span(model: nn.Module, span: Sequence[int], windows: Any, *, ridge: floa
         ValueError: a bad span, ridge, batch size or windows.
     """
     _check_fit_args(ridge, batch_size)
-    _check_fit_args(ridge_scale, batch_size)
+    _check_fit_args(ridge_scale, batch_size, "ridge_scale")
     _check_prenorm(model)
     (s, e), = check_spans([span], len(get_blocks(model)))
     mtm, mty, yty, drop_err, tokens = _accumulate(model, (s, e), window_ids(windows), batch_size)
@@ -224,7 +224,7 @@ def replaceme(model: nn.Module, spans: Sequence[Sequence[int]], windows: Any, *,
         ValueError: bad spans (naming the span and the valid range), ridge, batch size or windows.
     """
     _check_fit_args(ridge, batch_size)
-    _check_fit_args(ridge_scale, batch_size)
+    _check_fit_args(ridge_scale, batch_size, "ridge_scale")
     _check_prenorm(model)
     spec = arch_of(model)
     L = len(get_blocks(model))

@@ -121,6 +121,8 @@ def test_ridge_pulls_the_map_toward_the_identity(base, calib):
     eye = torch.eye(free.transform.shape[0], dtype=torch.float64)
     assert torch.allclose(tight.transform, eye, atol=1e-6) and tight.error_vs_drop == pytest.approx(1.0, abs=1e-5)
     assert free.error_vs_drop <= tight.error_vs_drop
+    with pytest.raises(ValueError, match=r"ridge_scale must be a finite number >= 0, got -1"):
+        fit_span(base, (2, 4), calib, ridge_scale=-1.0)
 
 
 def test_lowest_spans_skip_block_zero_for_replaceme():
