@@ -99,7 +99,7 @@ class Work:
     analysis_key: tuple | None = None
     builds: dict[str, Build] = field(default_factory=dict)
     base_ppl: dict[str, tuple[float, dict]] = field(default_factory=dict)  # "ref|data" -> (ppl, protocol)
-    base_speed: dict[str, float] = field(default_factory=dict)  # model ref -> generated tokens/s
+    base_speed: dict[str, dict] = field(default_factory=dict)  # model ref -> {tokens_per_s, forward_s, ...}
     base_fidelity: dict[str, Any] = field(default_factory=dict)  # model ref -> the original's FidelityReport
     stop: threading.Event = field(default_factory=threading.Event)
     last_used: float = field(default_factory=time.monotonic)

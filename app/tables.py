@@ -133,7 +133,8 @@ def protocol_text(protocol: Mapping[str, Any] | None) -> str:
 def compare_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """Original and built models: perplexity before/after recovery (with protocol), size, speed."""
     cols = ["model", "method", "slots", "ppl before recovery", "ppl after recovery", "steps",
-            "stored params", "tokens/s", "chat fidelity", "perplexity protocol"]
+            "stored params", "forward ms (x original)", "tokens/s", "tokens/s x original", "chat fidelity",
+            "perplexity protocol"]
     out = []
     for r in rows:
         ppl_b, ppl_a = r.get("ppl_before"), r.get("ppl_after")
@@ -143,7 +144,10 @@ def compare_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
             "n/a" if ppl_a is None else f"{ppl_a:.2f}",
             r.get("steps", 0),
             _fmt_int(r.get("stored_params")),
+            "n/a" if r.get("forward_s") is None else
+            f"{1000 * r['forward_s']:.0f} (x{r.get('forward_ratio') or 1.0:.2f})",
             "n/a" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:.1f}",
+            "n/a" if r.get("throughput_ratio") is None else f"x{r['throughput_ratio']:.2f}",
             "n/a" if r.get("fidelity") is None else f"{r['fidelity']:.2f}",
             protocol_text(r.get("protocol")),
         ))

@@ -94,15 +94,19 @@ draws the loss live; **Stop** ends it after the current step.
 COMPARE_HELP = """
 Every perplexity is shown with its **protocol** (data, split, windows, sequence length, BOS):
 numbers measured with different protocols are not comparable. Stored parameters count each shared
-tensor once; run cost counts the parameters each forward pass goes through.
+tensor once; run cost counts the parameters each forward pass goes through. **Measure speed** times
+every model the way a chat runs it (eval mode, interleaved with the original round by round, median
+of 5): one forward pass over a 128-token prompt, and greedy tokens/s over 16 new tokens. On a
+shared machine differences under about 10 % are noise.
 """
 
 CHAT_HELP = """
 The same message goes to the **original** model and the **built** model; both answers stream side by
 side using the model's chat template. A small model pruned without much recovery will often ramble:
 that is the honest result. **Speculative decoding** answers with both models exactly as plain
-greedy decoding would, but lets each model, with some of its own sub-layers skipped (the set that
-decoded fastest on this machine), guess a few tokens that the full model then checks in one pass;
+greedy decoding would, but lets a cheaper copy of each model (int8 weights, a shorter vocabulary,
+some sub-layers skipped: whichever decoded fastest on this machine, searched once and cached)
+guess a few tokens that the full model then checks in one pass;
 it needs temperature 0 and shows how many guesses were accepted.
 **Fidelity check** asks both models a fixed set of short questions with known answers and reports
 the share each answers correctly, how often the built model's first tokens equal the original's,

@@ -18,16 +18,19 @@ def compare_rows(key: str) -> list[dict]:
     for ref in sorted(refs):
         info = REGISTRY.info(ref)
         ppl = next((v for k, v in w.base_ppl.items() if k.startswith(f"{ref}|")), None)
-        speed = w.base_speed.get(ref)
+        speed = w.base_speed.get(ref) or {}
         rows.append({"name": f"original ({ref})", "method": "original", "slots": info["num_blocks"],
                      "ppl_before": ppl[0] if ppl else None, "ppl_after": None, "steps": 0,
                      "stored_params": info["num_parameters"], "protocol": ppl[1] if ppl else None,
-                     "tokens_per_s": speed,
+                     "tokens_per_s": speed.get("tokens_per_s"), "forward_s": speed.get("forward_s"),
+                     "forward_ratio": speed.get("forward_ratio"), "throughput_ratio": speed.get("throughput_ratio"),
                      "fidelity": getattr(w.base_fidelity.get(ref), "score", None)})
     for b in w.builds.values():
         rows.append({"name": b.name, "method": b.plan.method, "slots": b.plan.num_slots, "ppl_before": b.ppl_before,
                      "ppl_after": b.ppl_after, "steps": b.recovered_steps, "stored_params": b.params.get("stored"),
                      "protocol": b.protocol, "tokens_per_s": (b.speed or {}).get("tokens_per_s"),
+                     "forward_s": (b.speed or {}).get("forward_s"), "forward_ratio": (b.speed or {}).get("forward_ratio"),
+                     "throughput_ratio": (b.speed or {}).get("throughput_ratio"),
                      "fidelity": (b.fidelity or {}).get("score")})
     return rows
 
@@ -39,23 +42,26 @@ def on_refresh(token=None, request: gr.Request = None) -> tuple[pd.DataFrame, go
 
 @user_errors
 def on_speed(request: gr.Request = None, progress=gr.Progress()):
-    """Greedy generation speed (tokens/s) of the original and every build; returns the refreshed views."""
+    """Forward latency (128-token prompt) and greedy tokens/s of the original and every build,
+    timed interleaved in eval mode (median of 5 rounds); returns the refreshed views."""
     from flexigpt import evaluate
 
     key = session_key(request)
     w = work(key)
     if not w.builds:
         raise ValueError("build a model first (tab 5)")
-    progress(0.1, desc="timing the original and every build (median of 3 runs)")
+    progress(0.1, desc="timing the original and every build, interleaved (median of 5 rounds)")
     for ref in {b.plan.base_model for b in w.builds.values()}:
         loaded = REGISTRY.get(ref)
         mine = [b for b in w.builds.values() if b.plan.base_model == ref]
         models = {"original": loaded.model, **{b.name: b.model for b in mine}}
-        report = evaluate.compare_speed(models, loaded.tokenizer, prompt_tokens=64, new_tokens=16, repeats=3)
-        speeds = {row.name: row.tokens_per_s for row in report.rows}
+        report = evaluate.compare_speed(models, loaded.tokenizer, prompt_tokens=128, new_tokens=16, repeats=5)
+        speeds = {row.name: {"tokens_per_s": row.tokens_per_s, "forward_s": row.forward_s,
+                             "forward_ratio": row.forward_ratio, "throughput_ratio": row.throughput_ratio,
+                             "protocol": report.protocol} for row in report.rows}
         w.base_speed[ref] = speeds["original"]
         for b in mine:
-            b.speed = {"tokens_per_s": speeds[b.name], "protocol": report.protocol}
+            b.speed = speeds[b.name]
     return on_refresh(None, request)
 
 
@@ -63,7 +69,7 @@ def render(ctx) -> None:
     gr.Markdown(text.COMPARE_HELP)
     with gr.Row():
         refresh = gr.Button("Refresh", elem_id="compare-refresh")
-        speed = gr.Button("Measure generation speed", elem_id="speed-btn")
+        speed = gr.Button("Measure speed", elem_id="speed-btn")
     table = gr.Dataframe(interactive=False, elem_id="compare-table", wrap=True)
     fig = gr.Plot(label="comparison", elem_id="compare-plot")
     ctx.builds_token.change(on_refresh, [ctx.builds_token], [table, fig], queue=False)
