@@ -199,12 +199,14 @@ def test_story_on_the_tiny_model(tiny_folder, tiny_text_file, request_, monkeypa
     with pytest.raises(gr.Error, match="fit steps per slot"):
         build_tab.on_fit("flexigpt 33% r4", 0, data, request_)
     outs = list(build_tab.on_recover("flexigpt 33% r4", 2, 1, 64, 1e-3, data, builds, request_))
-    assert len(outs) == 4  # start, 2 steps, final
+    # the tiny tokenizer has a chat template: the default recipe mixes in the original's chat replies
+    assert len(outs) == 5 and "Preparing the chat data" in outs[0][1]  # preparing, start, 2 steps, final
+    assert "Recipe: lm objective on" in outs[-1][1] and "chat" in outs[-1][1]
     assert "Recovery finished after 2 steps" in outs[-1][1] and outs[-1][2] == 2
     assert len(outs[-1][0].data[0].x) == 2  # the loss curve has both steps
     # Stop: the loop ends after the current step and still reports the result
     gen = build_tab.on_recover("flexigpt 33% r4", 5, 1, 64, 1e-3, data, 2, request_)
-    next(gen), next(gen)  # the start and step 1
+    next(gen), next(gen)  # preparing the chat data, then the start
     build_tab.on_stop(request_)
     rest = list(gen)
     assert "Recovery stopped after 3 steps" in rest[-1][1]  # 2 earlier steps + 1 before the stop was seen

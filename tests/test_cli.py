@@ -58,3 +58,15 @@ def test_info_default_subprocess_offline():
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["num_blocks"] == 30 and out["num_parameters"] == 134_515_008
+
+
+@pytest.mark.parametrize("share", ["0", "1.5", "-0.2"])
+def test_build_refuses_a_chat_share_outside_0_1_before_loading(share, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"format_version": 1, "base_model": "./not-loaded", "num_blocks": 2, "method": "drop", '
+                    '"layer_map": [0], "adapter": {"rank": 1}}')
+    assert main(["build", "--plan", str(plan), "--out", str(tmp_path / "m"), "--steps", "1",
+                 "--train-data", "mixed", "--chat-share", share, "--json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --chat-share must be between 0 and 1 (exclusive), got {float(share)}")
+    assert not (tmp_path / "m").exists()

@@ -36,7 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-data", default=None,
                    help="recovery data: a text (train split), 'chat' (the original model's own greedy replies to "
                         "template prompts, through its chat template, generated once and cached) or 'mixed' "
-                        "(half chat, half --data); default: --data")
+                        "(--chat-share of the windows chat, the rest --data); default: the measured best for the "
+                        "model (flexigpt.pipeline.default_recovery): mixed with a chat template, else --data")
+    p.add_argument("--chat-share", type=float, default=None,
+                   help="share of chat windows in --train-data mixed, between 0 and 1 (default: "
+                        "flexigpt.pipeline.CHAT_SHARE, the measured best)")
     p.add_argument("--train-windows", type=int, default=None, help="use at most this many training windows")
     p.add_argument("--merged", action="store_true", help="also write a plain Hugging Face checkpoint (OUT-merged)")
     p.add_argument("--data", default="default", help="text for the held-out perplexity")
@@ -59,6 +63,8 @@ def run(args: argparse.Namespace) -> dict | None:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
     if not isinstance(args.fit_steps, int) or not 0 <= args.fit_steps <= 100_000:
         raise ValueError(f"--fit-steps must be in 0..100000, got {args.fit_steps}")
+    if args.chat_share is not None and not 0.0 < args.chat_share < 1.0:
+        raise ValueError(f"--chat-share must be between 0 and 1 (exclusive), got {args.chat_share}")
     if args.eval_windows < 1:
         raise ValueError(f"--eval-windows must be >= 1, got {args.eval_windows}")
     path = Path(args.plan)
@@ -86,7 +92,7 @@ def run(args: argparse.Namespace) -> dict | None:
     options = RunOptions(out=args.out, data=args.data, train_data=train_data, train_windows=args.train_windows,
                          eval_windows=args.eval_windows, seq_len=args.seq_len, merged=args.merged,
                          overwrite=args.overwrite, resume=args.resume, kept_lora_rank=args.kept_lora_rank,
-                         fit_steps=args.fit_steps)
+                         fit_steps=args.fit_steps, chat_share=args.chat_share)
     accelerator = None
     if spec is not None and _distributed():
         # accelerate is heavy and needed only under `accelerate launch`
