@@ -1,6 +1,7 @@
 """Tab 5: build the plan (base untouched), preview its perplexity, recover with a live loss curve."""
 from __future__ import annotations
 
+import math
 import time
 
 import gradio as gr
@@ -183,9 +184,9 @@ def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_
         yield figures.loss_curve(b.steps, b.losses, name), ("Preparing the chat data (the original model's own "
                                                             "replies; generated once, then cached)…"), int(token or 0)
     needed = min(512, steps * batch)
-    chat_windows = needed if ref == "chat" else -(-needed * CHAT_SHARE // 1)  # ceil: `mixed` needs only its share
+    chat_windows = needed if ref == "chat" else math.ceil(needed * CHAT_SHARE)  # `mixed` needs only its share
     # replies to generate for a short recovery: about one conversation per 40 chat tokens, in batches of 64
-    prompts = min(CHAT_PROMPTS_MAX, 64 * -(-(int(chat_windows) * seq_len // 40) // 64))
+    prompts = min(CHAT_PROMPTS_MAX, 64 * max(1, math.ceil(chat_windows * seq_len / (40 * 64))))
     windows = recovery_windows(REGISTRY.get(b.plan.base_model).model, b.tokenizer, ref, text=data_ref,
                                seq_len=seq_len, max_windows=needed, max_len=context, prompts=prompts,
                                fraction=CHAT_SHARE)

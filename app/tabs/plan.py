@@ -107,7 +107,7 @@ def on_analysis(plan, ratio: float, method_label: str, rank: int, request: gr.Re
     """A new analysis (block scores or share error) arrived. Without a plan for this model, propose
     one; with one, keep the user's work: its pruned set, method and hand-picked donors stay, and
     only donors left on "auto" follow the new analysis' suggestion."""
-    from flexigpt.plan import suggested_donor
+    from flexigpt.plan import suggested_donor, suggests_no_donor
 
     analysis = work(session_key(request)).analysis
     if (plan is None or analysis is None or str(analysis.get("model")) != plan.base_model
@@ -117,7 +117,12 @@ def on_analysis(plan, ratio: float, method_label: str, rank: int, request: gr.Re
         return plan
     hand, new = _hand_donors(plan), plan
     for b in plan.pruned_blocks:
-        d = None if b in hand else suggested_donor(analysis, new, b)
+        if b in hand:
+            continue
+        if suggests_no_donor(analysis, new, b):
+            new = new.with_donor(b, None) if new.layer_map[b] is not None else new
+            continue
+        d = suggested_donor(analysis, new, b)
         if d is not None and d != new.layer_map[b]:
             new = new.with_donor(b, d)
     return new
@@ -202,9 +207,12 @@ def on_edit(plan, block, action: str, donor, request: gr.Request = None):
         return (plan if b in plan.pruned_blocks else plan.drop(b)).with_donor(b, None)
     d = None if donor in (None, "", AUTO) else limits.check_int("donor", donor, 0, plan.num_blocks - 1)
     if d is None and plan.method_spec.chooses_donors:
-        from flexigpt.plan import suggested_donor
+        from flexigpt.plan import suggested_donor, suggests_no_donor
 
-        d = suggested_donor(work(session_key(request)).analysis, plan, b)
+        analysis = work(session_key(request)).analysis
+        if suggests_no_donor(analysis, plan, b):  # "auto": the analysis' own choice, not marked as a hand edit
+            return (plan if b in plan.pruned_blocks else plan.drop(b)).with_donor(b, None)
+        d = suggested_donor(analysis, plan, b)
     if not plan.method_spec.chooses_donors:
         return plan.drop(b)
     if donor not in (None, "", AUTO):  # remembered, so a later analysis does not replace it

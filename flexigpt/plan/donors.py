@@ -20,7 +20,7 @@ from typing import Any
 from flexigpt.methods.base import nearest_kept
 
 __all__ = ["DONOR_METRICS", "choose_donors", "donor_matrix", "nearest_kept", "no_donor_errors", "prefer_no_donor",
-           "suggested_donor"]
+           "suggested_donor", "suggests_no_donor"]
 
 DONOR_METRICS = ("relative", "absolute", "paper", "function")
 
@@ -115,6 +115,21 @@ def suggested_donor(analysis: Mapping[str, Any] | None, plan, block: int) -> int
     if not matrix or not 0 <= block < len(matrix) or all(v is None for v in matrix[block]):
         return None
     return choose_donors(matrix, plan.drop(block).pruned_blocks)[block]
+
+
+def suggests_no_donor(analysis: Mapping[str, Any] | None, plan, block: int) -> bool:
+    """Whether an analysis suggests a slot with no donor when ``block`` is pruned from a flexigpt
+    ``plan`` by hand: its own rank-r fit reproduces it at least as well as the suggested donor
+    (``prefer_no_donor``, as ``plan_from_analysis`` decides). False without the measurement."""
+    if getattr(plan, "method", None) != "flexigpt" or not isinstance(analysis, Mapping) \
+            or analysis.get("num_blocks") != plan.num_blocks:
+        return False
+    metric, rank, matrix = donor_matrix(analysis)
+    alone = no_donor_errors(analysis, metric, rank)
+    donor = suggested_donor(analysis, plan, block)
+    if matrix is None or alone is None or donor is None or len(alone) != plan.num_blocks:
+        return False
+    return prefer_no_donor({block: donor}, matrix, alone)[block] is None
 
 
 def _check_matrix(matrix: Sequence[Sequence[Any]], L: int) -> None:
