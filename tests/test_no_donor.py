@@ -181,9 +181,9 @@ def test_a_hand_pruned_block_follows_the_no_donor_suggestion():
     from flexigpt.plan import plan_from_analysis, suggests_no_donor
 
     L = 6
-    analysis = _function_analysis(L, 0.5, [0.3, 0.9, 0.1, 0.9, 0.9, 0.9])
+    analysis = _function_analysis(L, 0.5, [0.3, 0.9, 0.9, 0.9, 0.1, 0.9])
     plan = plan_from_analysis(analysis, 2 / L)
-    assert suggests_no_donor(analysis, plan, 2)  # 0.1 alone beats 0.5 with any donor
+    assert suggests_no_donor(analysis, plan, 4)  # 0.1 alone beats 0.5 with any donor
     assert not suggests_no_donor(analysis, plan, 3)
-    assert not suggests_no_donor(analysis, plan.with_method("drop"), 2)  # only flexigpt slots
-    assert not suggests_no_donor(None, plan, 2)
+    assert not suggests_no_donor(analysis, plan.with_method("drop"), 4)  # only flexigpt slots
+    assert not suggests_no_donor(None, plan, 4)
