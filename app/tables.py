@@ -133,7 +133,7 @@ def protocol_text(protocol: Mapping[str, Any] | None) -> str:
 def compare_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """Original and built models: perplexity before/after recovery (with protocol), size, speed."""
     cols = ["model", "method", "slots", "ppl before recovery", "ppl after recovery", "steps",
-            "stored params", "forward ms (x original)", "tokens/s", "tokens/s x original", "chat fidelity",
+            "stored params", "forward ms", "tokens/s", "speed-up", "chat fidelity",
             "perplexity protocol"]
     out = []
     for r in rows:

@@ -7,7 +7,9 @@ Make a language model **shallower** by removing the transformer blocks that matt
 see what that costs. FlexiGPT ([Smith et al., NAACL 2025](https://arxiv.org/abs/2501.14713)) does
 not simply delete a pruned block: it puts a *replacement* at the same depth that **reuses the
 weights of a kept block (its donor)** plus a small trainable correction (a LoRA adapter), so the
-model stores fewer parameters but keeps its depth. Work left to right through the tabs.
+model stores fewer parameters but keeps its depth. Where no kept block helps (the share-error
+analysis measures it), the replacement keeps only its own small low-rank weights: no donor, and
+cheaper to run. Work left to right through the tabs.
 All block ids are **0-based**: the first block is block 0.
 """
 
@@ -96,8 +98,9 @@ Every perplexity is shown with its **protocol** (data, split, windows, sequence 
 numbers measured with different protocols are not comparable. Stored parameters count each shared
 tensor once; run cost counts the parameters each forward pass goes through. **Measure speed** times
 every model the way a chat runs it (eval mode, interleaved with the original round by round, median
-of 5): one forward pass over a 128-token prompt, and greedy tokens/s over 16 new tokens. On a
-shared machine differences under about 10 % are noise.
+of 5): **forward ms**, one forward pass over a 128-token prompt (with its ratio to the original's),
+and greedy **tokens/s** over 16 new tokens, with the **speed-up** over the original (above x1.00 is
+faster). On a shared machine differences under about 10 % are noise.
 """
 
 CHAT_HELP = """
