@@ -43,7 +43,7 @@ from flexigpt.data import token_windows  # noqa: E402
 from flexigpt.fidelity import builtin_prompts, chat_fidelity, load_prompts  # noqa: E402
 from flexigpt.models import load_model  # noqa: E402
 from flexigpt.params import measure_params  # noqa: E402
-from flexigpt.pipeline import build, needs_calibration, recover_model  # noqa: E402
+from flexigpt.pipeline import CHAT_SHARE, build, needs_calibration, recover_model  # noqa: E402
 from flexigpt.plan import AdapterSpec, plan_from_analysis  # noqa: E402
 from flexigpt.recover import RecoverSpec  # noqa: E402
 
@@ -85,7 +85,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=RecoverSpec().batch_size)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=RecoverSpec().lr)
-    ap.add_argument("--mix-fraction", type=float, default=0.5, help="share of chat windows in the `mixed` data")
+    ap.add_argument("--mix-fraction", type=float, default=CHAT_SHARE,
+                    help="share of chat windows in the `mixed` data (default: build's, flexigpt.pipeline.CHAT_SHARE)")
     ap.add_argument("--eval-windows", type=int, default=16, help="held-out windows of `default` for perplexity")
     ap.add_argument("--calib-windows", type=int, default=32, help="analysis (and calibration) windows")
     ap.add_argument("--prompts", default=None, help="a .jsonl prompt set instead of the built-in one")
