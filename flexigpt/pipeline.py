@@ -173,6 +173,9 @@ def run(plan: Plan, options: RunOptions, spec: RecoverSpec | None = None, *, bas
         raise ValueError(f"--merged cannot be exact for this plan: {problem}; drop --merged and use the compact export")
     if options.resume and spec is None:
         raise ValueError("--resume needs --steps > 0")
+    share = CHAT_SHARE if options.chat_share is None else options.chat_share
+    if not (isinstance(share, (int, float)) and not isinstance(share, bool) and 0.0 < share < 1.0):
+        raise ValueError(f"chat share must be a number between 0 and 1 (exclusive), got {share!r}")
     main = accelerator is None or accelerator.is_main_process
     if base is None:
         loaded = load_model(plan.base_model)
@@ -180,9 +183,6 @@ def run(plan: Plan, options: RunOptions, spec: RecoverSpec | None = None, *, bas
     context = getattr(base.config, "max_position_embeddings", None)
     built = recipe(plan, base, recovering=spec is not None, kept_lora_rank=options.kept_lora_rank)
     train_ref = options.train_data or options.data
-    share = CHAT_SHARE if options.chat_share is None else options.chat_share
-    if not (isinstance(share, (int, float)) and not isinstance(share, bool) and 0.0 < share < 1.0):
-        raise ValueError(f"chat share must be a number between 0 and 1 (exclusive), got {share!r}")
     calibration = None
     if needs_calibration(built, options.fit_steps):
         calibration = recovery_windows(base, tokenizer, train_ref, text=options.data, seq_len=options.seq_len,

@@ -9,6 +9,7 @@ from app import figures, tables, text
 from app.common import heavy, session_key, user_errors
 from app.session import REGISTRY, work
 
+SPEED_KEYS = ("tokens_per_s", "forward_s", "forward_ratio", "throughput_ratio")  # from evaluate.SpeedRow
 
 def compare_rows(key: str) -> list[dict]:
     """Plain rows for ``tables.compare_table`` / ``figures.compare_bars``."""
@@ -22,15 +23,12 @@ def compare_rows(key: str) -> list[dict]:
         rows.append({"name": f"original ({ref})", "method": "original", "slots": info["num_blocks"],
                      "ppl_before": ppl[0] if ppl else None, "ppl_after": None, "steps": 0,
                      "stored_params": info["num_parameters"], "protocol": ppl[1] if ppl else None,
-                     "tokens_per_s": speed.get("tokens_per_s"), "forward_s": speed.get("forward_s"),
-                     "forward_ratio": speed.get("forward_ratio"), "throughput_ratio": speed.get("throughput_ratio"),
+                     **{k: speed.get(k) for k in SPEED_KEYS},
                      "fidelity": getattr(w.base_fidelity.get(ref), "score", None)})
     for b in w.builds.values():
         rows.append({"name": b.name, "method": b.plan.method, "slots": b.plan.num_slots, "ppl_before": b.ppl_before,
                      "ppl_after": b.ppl_after, "steps": b.recovered_steps, "stored_params": b.params.get("stored"),
-                     "protocol": b.protocol, "tokens_per_s": (b.speed or {}).get("tokens_per_s"),
-                     "forward_s": (b.speed or {}).get("forward_s"), "forward_ratio": (b.speed or {}).get("forward_ratio"),
-                     "throughput_ratio": (b.speed or {}).get("throughput_ratio"),
+                     "protocol": b.protocol, **{k: (b.speed or {}).get(k) for k in SPEED_KEYS},
                      "fidelity": (b.fidelity or {}).get("score")})
     return rows
 
@@ -56,9 +54,8 @@ def on_speed(request: gr.Request = None, progress=gr.Progress()):
         mine = [b for b in w.builds.values() if b.plan.base_model == ref]
         models = {"original": loaded.model, **{b.name: b.model for b in mine}}
         report = evaluate.compare_speed(models, loaded.tokenizer, prompt_tokens=128, new_tokens=16, repeats=5)
-        speeds = {row.name: {"tokens_per_s": row.tokens_per_s, "forward_s": row.forward_s,
-                             "forward_ratio": row.forward_ratio, "throughput_ratio": row.throughput_ratio,
-                             "protocol": report.protocol} for row in report.rows}
+        speeds = {row.name: {**{k: getattr(row, k) for k in SPEED_KEYS}, "protocol": report.protocol}
+                  for row in report.rows}
         w.base_speed[ref] = speeds["original"]
         for b in mine:
             b.speed = speeds[b.name]

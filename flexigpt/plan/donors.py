@@ -118,10 +118,10 @@ def suggested_donor(analysis: Mapping[str, Any] | None, plan, block: int) -> int
 
 
 def suggests_no_donor(analysis: Mapping[str, Any] | None, plan, block: int) -> bool:
-    """Whether an analysis suggests a slot with no donor when ``block`` is pruned from a flexigpt
-    ``plan`` by hand: its own rank-r fit reproduces it at least as well as the suggested donor
+    """Whether an analysis suggests a slot with no donor when ``block`` is pruned by hand from a
+    ``plan`` whose method allows one (``allows_no_donor``): its own rank-r fit reproduces it at least as well as the suggested donor
     (``prefer_no_donor``, as ``plan_from_analysis`` decides). False without the measurement."""
-    if getattr(plan, "method", None) != "flexigpt" or not isinstance(analysis, Mapping) \
+    if not plan.method_spec.allows_no_donor or not isinstance(analysis, Mapping) \
             or analysis.get("num_blocks") != plan.num_blocks:
         return False
     metric, rank, matrix = donor_matrix(analysis)

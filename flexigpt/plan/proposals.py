@@ -81,7 +81,7 @@ def plan_from_scores(
     if share_error is not None and chosen and target.chooses_donors:
         _check_matrix(share_error, L)
         donors = choose_donors(share_error, chosen)
-        if no_donor is not None and target.name == "flexigpt":
+        if no_donor is not None and target.allows_no_donor:
             if len(no_donor) != L:
                 raise ValueError(f"no-donor errors must list {L} values, got {len(no_donor)}")
             donors = prefer_no_donor(donors, share_error, no_donor)
@@ -124,7 +124,7 @@ def plan_from_analysis(analysis: Mapping[str, Any], ratio: float, *, method: str
              "analysis_seq_len": analysis.get("seq_len"),
              "donor_metric": metric if matrix is not None else "nearest kept block",
              "donor_rank": rank if matrix is not None else None}
-    if alone is not None and method == "flexigpt":
+    if alone is not None and target.allows_no_donor:
         notes["donor_rule"] = "no donor where the block's own rank-r fit beats its best donor"
     if scores is not None:
         if len(scores) != L:
