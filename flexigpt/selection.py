@@ -13,6 +13,15 @@ LM head. A round therefore costs about ``n / 2`` forward passes of blocks plus `
 forward passes' worth, later rounds less), and one more partial pass refreshes the cached states
 after the removal. Use few windows (8 x 128 tokens is enough to rank blocks).
 
+Screening (the default) cuts that cost about threefold. Every remaining block is first tried on
+the first ``screen_windows`` windows only; the ``shortlist`` blocks whose removal hurts those
+windows least are then finished on the other windows (their screening NLL is reused), and the
+round removes the best of them by the NLL over all windows. When the shortlist holds the block
+that exact SLEB would remove, the result is the same. On the embedded SmolLM2 (8 x 128 tokens,
+2 screening windows, shortlist 3) the removal order equals exact SLEB's for all nine removals,
+measured offline from every candidate's per-window NLL in each round (bench/RESULTS.md). A
+shortlist of 0 evaluates every block on every window (exact SLEB, the paper's procedure).
+
 Results are cached on disk under ``cache_dir()/selection``, keyed by the model fingerprint and the
 calibration windows (their protocol and a hash of the token ids). Selection is greedy and
 deterministic, so one cache entry serves every ``n_remove`` up to the longest order computed; a
@@ -43,9 +52,11 @@ from flexigpt.residual_states import block_states, head_nll, run_block, window_i
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMAT_VERSION", "MAX_TOKENS", "SelectionResult", "iterative_selection"]
+__all__ = ["FORMAT_VERSION", "MAX_TOKENS", "SCREEN_WINDOWS", "SHORTLIST", "SelectionResult", "iterative_selection"]
 
 FORMAT_VERSION = 1
+SCREEN_WINDOWS = 2  # windows every candidate is tried on before the shortlist
+SHORTLIST = 3  # candidates per round finished on all windows; 0 = exact SLEB
 MAX_TOKENS = 16384  # every block's input state is kept: 16k tokens x 30 blocks x 576 floats is about 1.1 GB
 
 
@@ -97,10 +108,12 @@ def _ppl(nll: float, tokens: int) -> float:
     return math.exp(min(nll / tokens, 700.0))
 
 
-def _cache_path(model: nn.Module, windows: Any, ids: torch.Tensor) -> Path:
+def _cache_path(model: nn.Module, windows: Any, ids: torch.Tensor, screen: tuple[int, int] | None) -> Path:
     protocol = windows.protocol() if hasattr(windows, "protocol") else {"windows": list(ids.shape)}
     key = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint(model), "protocol": protocol,
            "ids": hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()}
+    if screen is not None:  # exact SLEB keeps the key it always had
+        key["screen"] = list(screen)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return cache_dir() / "selection" / f"{digest}.json"
 
@@ -118,10 +131,13 @@ def _load(path: Path) -> SelectionResult | None:
 class _Stack:
     """The current block list and the cached state entering each of its blocks, per batch."""
 
-    def __init__(self, model: nn.Module, ids: torch.Tensor, batch_size: int, removed: tuple[int, ...]):
+    def __init__(self, model: nn.Module, ids: torch.Tensor, batch_size: int, removed: tuple[int, ...],
+                 screen: int = 0):
         self.model, self.blocks = model, get_blocks(model)
         L = len(self.blocks)
-        self.batches = [ids[i : i + batch_size] for i in range(0, ids.shape[0], batch_size)]
+        # with screening, the first batch is the screening windows, so a candidate can be tried on them alone
+        head = [ids[:screen]] if screen else []
+        self.batches = head + [ids[i : i + batch_size] for i in range(screen, ids.shape[0], batch_size)]
         self.kwargs: list[dict[int, dict]] = []
         inputs: list[dict[int, torch.Tensor]] = []
         self.base_nll = 0.0
@@ -137,10 +153,11 @@ class _Stack:
         else:
             self.states = [[x[k] for x in inputs] for k in range(L)]
 
-    def _run(self, start: int, entering: list[torch.Tensor], keep: bool) -> float:
-        """Run ``alive[start:]`` from ``entering`` (per batch); return the summed NLL."""
+    def _run(self, start: int, entering: list[torch.Tensor], keep: bool, batches: range | None = None) -> float:
+        """Run ``alive[start:]`` from ``entering`` (per batch); return the NLL summed over ``batches`` (all)."""
         total = 0.0
-        for b, (batch, h) in enumerate(zip(self.batches, entering)):
+        for b in batches if batches is not None else range(len(self.batches)):
+            batch, h = self.batches[b], entering[b]
             for k in range(start, len(self.alive)):
                 if keep:
                     self.states[k][b] = h
@@ -154,9 +171,10 @@ class _Stack:
             self.states[k] = [None] * len(self.batches)
         return self._run(start, entering, keep=True)
 
-    def nll_without(self, k: int) -> float:
-        """Summed NLL with the block at position ``k`` removed (only the blocks after it run)."""
-        return self._run(k + 1, self.states[k], keep=False)
+    def nll_without(self, k: int, batches: range | None = None) -> float:
+        """Summed NLL over ``batches`` (all) with the block at position ``k`` removed (only the blocks
+        after it run)."""
+        return self._run(k + 1, self.states[k], keep=False, batches=batches)
 
     def remove(self, k: int) -> float:
         """Remove position ``k`` and refresh the states after it; returns the new summed NLL."""
@@ -168,6 +186,12 @@ class _Stack:
         return sum(head_nll(self.model, h, batch) for batch, h in zip(self.batches, hidden))
 
 
+def _check_count(name: str, value: Any, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
 @torch.no_grad()
 def iterative_selection(
     model: nn.Module,
@@ -175,6 +199,8 @@ def iterative_selection(
     n_remove: int,
     *,
     batch_size: int = 8,
+    shortlist: int = SHORTLIST,
+    screen_windows: int = SCREEN_WINDOWS,
     progress: bool = False,
     callback: Callable[[float, str], None] | None = None,
     cache: bool = True,
@@ -189,27 +215,34 @@ def iterative_selection(
             tensor), at most ``MAX_TOKENS`` tokens; 8 x 128 is a good size.
         n_remove: blocks to remove, ``1..L-1``.
         batch_size: windows per block call.
+        shortlist: candidates per round finished on every window after screening (module
+            docstring); ``0`` tries every block on every window (exact SLEB).
+        screen_windows: the first windows every candidate is tried on; with as many windows as
+            there are (or more) there is no screening.
         progress: show a tqdm bar.
         callback: ``callback(fraction, message)`` after every candidate.
         cache: read and write the on-disk cache.
 
     Returns:
-        SelectionResult with exactly ``n_remove`` entries.
+        SelectionResult with exactly ``n_remove`` entries; ``ppl`` is always over all windows.
 
     Raises:
-        ValueError: ``n_remove``, ``batch_size`` or the windows out of range.
+        ValueError: ``n_remove``, ``batch_size``, ``shortlist``, ``screen_windows`` or the windows
+            out of range.
     """
     L = len(get_blocks(model))
     if not isinstance(n_remove, int) or isinstance(n_remove, bool) or not 1 <= n_remove <= L - 1:
         raise ValueError(f"n_remove {n_remove!r} is outside 1..{L - 1} (a model keeps at least one of {L} blocks)")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    _check_count("batch_size", batch_size, 1)
+    _check_count("shortlist", shortlist, 0)
+    _check_count("screen_windows", screen_windows, 1)
     ids = window_ids(windows)
     if ids.numel() > MAX_TOKENS:
         raise ValueError(f"{ids.shape[0]} x {ids.shape[1]} = {ids.numel()} calibration tokens is over the "
                          f"{MAX_TOKENS} that iterative selection keeps per block; use fewer or shorter windows")
+    screen = screen_windows if shortlist and screen_windows < ids.shape[0] else 0
     report = callback or (lambda fraction, message: None)
-    path = _cache_path(model, windows, ids) if cache else None
+    path = _cache_path(model, windows, ids, (screen, shortlist) if screen else None) if cache else None
     known = _load(path) if path is not None else None
     if known is not None and len(known.order) >= n_remove:
         report(1.0, "loaded from cache")
@@ -221,24 +254,38 @@ def iterative_selection(
     was_training = model.training
     model.eval()
     try:
-        stack = _Stack(model, ids, batch_size, tuple(order))
+        stack = _Stack(model, ids, batch_size, tuple(order), screen=screen)
+        first, rest = (range(1), range(1, len(stack.batches))) if screen else (None, None)
         tokens = int(ids.shape[0] * (ids.shape[1] - 1))
-        work = sum(len(stack.alive) - r for r in range(n_remove - len(order)))
+        per_round = (lambda n: n + min(shortlist, n)) if screen else (lambda n: n)
+        work = sum(per_round(len(stack.alive) - r) for r in range(n_remove - len(order)))
         done = 0
         bar = tqdm(total=work, desc="Iterative selection", disable=not progress)
+
+        def tick(message: str) -> None:
+            nonlocal done
+            done += 1
+            bar.update(1)
+            report(done / work, message)
+
         while len(order) < n_remove:
-            best_k, best_nll = -1, math.inf
-            for k in range(len(stack.alive)):
-                nll = stack.nll_without(k)
-                if nll < best_nll:
-                    best_k, best_nll = k, nll
-                done += 1
-                bar.update(1)
-                report(done / work, f"round {len(order) + 1}/{n_remove}: tried block {stack.alive[k]}")
+            round_name = f"round {len(order) + 1}/{n_remove}"
+            candidates = range(len(stack.alive))
+            nll = {}
+            for k in candidates:
+                nll[k] = stack.nll_without(k, first)
+                tick(f"{round_name}: {'screened' if screen else 'tried'} block {stack.alive[k]}")
+            if screen:
+                short = sorted(candidates, key=lambda k: (nll[k], k))[:shortlist]
+                for k in short:  # the screening NLL plus the other windows' NLL
+                    nll[k] += stack.nll_without(k, rest)
+                    tick(f"{round_name}: finished block {stack.alive[k]}")
+                nll = {k: nll[k] for k in short}
+            best_k = min(nll, key=lambda k: (nll[k], k))
             block = stack.alive[best_k]
-            nll = stack.remove(best_k)
+            removed_nll = stack.remove(best_k)
             order.append(block)
-            ppl.append(_ppl(nll, tokens))
+            ppl.append(_ppl(removed_nll, tokens))
             log.info("iterative selection: removed block %d, calibration ppl %.3f", block, ppl[-1])
         bar.close()
     finally:

@@ -155,7 +155,15 @@ def test_plan_select_and_span_methods_from_an_analysis(tiny_folder, tiny_text_fi
         plans[select] = Plan.from_json(path.read_text())
     assert len(plans["iterative"].pruned_blocks) == len(plans["bi"].pruned_blocks) == 2
     assert "iterative" in plans["iterative"].note("selection")
+    path = tmp_path / "exact.json"
+    assert main(["plan", "--analysis", str(out), "--ratio", "0.34", "--method", "drop", "--select", "iterative",
+                 "--shortlist", "0", "--out", str(path)]) == 0
+    assert "every block on every window" in Plan.from_json(path.read_text()).note("selection")
     capsys.readouterr()
+    for flags, match in ((["--select", "iterative", "--shortlist", "-1"], "--shortlist must be in 0..6"),
+                         (["--shortlist", "2"], "needs --analysis and --select iterative")):
+        assert main(["plan", "--analysis", str(out), "--ratio", "0.34", *flags, "--out", str(tmp_path / "s.json")]) == 2
+        assert match in capsys.readouterr().err and not (tmp_path / "s.json").exists()
     assert main(["plan", "--analysis", str(out), "--ratio", "0.34", "--select", "ppl", "--out",
                  str(tmp_path / "p.json")]) == 2
     assert "--ppl-drop" in capsys.readouterr().err and not (tmp_path / "p.json").exists()

@@ -71,7 +71,7 @@ def test_perplexities_are_those_of_the_cut_models(tiny_model):
 
 def test_each_round_is_the_best_single_removal(tiny_model):
     ids = _ids()
-    result = iterative_selection(tiny_model, ids, 2, cache=False)
+    result = iterative_selection(tiny_model, ids, 2, shortlist=0, cache=False)  # exact SLEB
     first = ppl_drop(tiny_model, ids)
     assert result.order[0] == min(range(6), key=lambda i: (first.ppl[i], i))
     cut = _without(tiny_model, result.order[:1])
@@ -79,6 +79,37 @@ def test_each_round_is_the_best_single_removal(tiny_model):
     second = {b: evaluate.perplexity(_without(tiny_model, [result.order[0], b]), ids).ppl for b in rest}
     assert result.order[1] == min(second, key=lambda b: (second[b], b))
     assert len(get_blocks(cut)) == 5
+
+
+def test_screening_finishes_the_best_screened_blocks(tiny_model):
+    """Round one of the screened search: every block is tried on the first two windows, the three
+    best of those are measured on all four, and the best of the three is removed."""
+    ids = _ids()
+    result = iterative_selection(tiny_model, ids, 1, shortlist=3, screen_windows=2, cache=False)
+    screened = {b: evaluate.perplexity(_without(tiny_model, [b]), ids[:2]).ppl for b in range(6)}
+    short = sorted(screened, key=lambda b: (screened[b], b))[:3]
+    full = {b: evaluate.perplexity(_without(tiny_model, [b]), ids).ppl for b in short}
+    assert result.order[0] == min(full, key=lambda b: (full[b], b))
+    assert result.ppl[0] == pytest.approx(full[result.order[0]], rel=1e-4)
+
+
+@pytest.mark.parametrize("screen_windows", [1, 2, 3])
+def test_a_shortlist_of_every_block_is_exact_sleb(tiny_model, screen_windows):
+    ids = _ids()
+    exact = iterative_selection(tiny_model, ids, 4, shortlist=0, cache=False)
+    wide = iterative_selection(tiny_model, ids, 4, shortlist=6, screen_windows=screen_windows, cache=False)
+    assert wide.order == exact.order
+    assert wide.ppl == pytest.approx(exact.ppl, rel=1e-5)
+    # as many screening windows as windows: no screening at all
+    assert iterative_selection(tiny_model, ids, 2, shortlist=1, screen_windows=4, cache=False).order == exact.order[:2]
+
+
+def test_screened_and_exact_orders_are_cached_apart(tiny_model):
+    ids = _ids()
+    iterative_selection(tiny_model, ids, 2, shortlist=0)
+    assert not iterative_selection(tiny_model, ids, 2, shortlist=1, screen_windows=1).cached
+    assert iterative_selection(tiny_model, ids, 2, shortlist=0).cached
+    assert not iterative_selection(tiny_model, ids, 2, shortlist=2, screen_windows=1).cached
 
 
 def test_opt(tiny_opt_model):
@@ -110,7 +141,7 @@ def test_callback_and_bar(tiny_model):
     seen = []
     iterative_selection(tiny_model, _ids(2, 8), 2, callback=lambda f, m: seen.append((f, m)), progress=True,
                         cache=False)
-    assert len(seen) == 6 + 5 + 1  # one per candidate, then "done"
+    assert len(seen) == 6 + 5 + 1  # one per candidate, then "done" (two windows: no screening)
     assert seen[-1][0] == 1.0 and all(0 < f <= 1.0 for f, _ in seen)
 
 
@@ -127,3 +158,7 @@ def test_bad_windows_are_refused(tiny_model):
         iterative_selection(tiny_model, torch.zeros(4, dtype=torch.long), 1, cache=False)
     with pytest.raises(ValueError, match="batch_size"):
         iterative_selection(tiny_model, _ids(), 1, batch_size=0, cache=False)
+    with pytest.raises(ValueError, match="shortlist must be an integer >= 0, got -1"):
+        iterative_selection(tiny_model, _ids(), 1, shortlist=-1, cache=False)
+    with pytest.raises(ValueError, match="screen_windows must be an integer >= 1, got 0"):
+        iterative_selection(tiny_model, _ids(), 1, screen_windows=0, cache=False)

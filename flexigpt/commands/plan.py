@@ -24,6 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(smallest perplexity rise when the block alone is removed; needs `analyze --ppl-drop`) or "
                         "iterative (SLEB: remove the block whose removal raises calibration perplexity least, "
                         "re-measure, repeat; cached)")
+    p.add_argument("--shortlist", type=int, default=None,
+                   help="with --select iterative: blocks per round measured on all calibration windows after every "
+                        "block is screened on the first two (default 3; 0: every block on every window, exact SLEB, "
+                        "about twice as slow)")
     p.add_argument("--drop", default="", help="extra blocks to prune, e.g. 3,12")
     p.add_argument("--keep", default="", help="blocks to keep, e.g. 5")
     p.add_argument("--donor", action="append", default=[], help="set a donor: PRUNED=DONOR, e.g. 12=11, or PRUNED=none for a slot with no donor "
@@ -88,7 +92,8 @@ def _base_config(ref: str):
     return models.load_model(ref).model.config
 
 
-def _select_scores(analysis: dict, select: str, ratio: float) -> tuple[list[float] | None, str | None]:
+def _select_scores(analysis: dict, select: str, ratio: float,
+                   shortlist: int | None = None) -> tuple[list[float] | None, str | None]:
     """``(scores, description)`` for ``--select`` (``None`` scores: Block Influence)."""
     L = int(analysis.get("num_blocks") or 0)
     if select == "bi":
@@ -102,16 +107,20 @@ def _select_scores(analysis: dict, select: str, ratio: float) -> tuple[list[floa
     # imported when the command runs, so `--help` stays fast
     from flexigpt.data import token_windows
     from flexigpt.models import load_model
-    from flexigpt.selection import iterative_selection
+    from flexigpt.selection import SHORTLIST, iterative_selection
 
+    shortlist = SHORTLIST if shortlist is None else shortlist
+    if isinstance(shortlist, bool) or not isinstance(shortlist, int) or not 0 <= shortlist <= L:
+        raise ValueError(f"--shortlist must be in 0..{L} (0: exact SLEB), got {shortlist!r}")
     n = int(round(ratio * L))
     if n < 1:
         raise ValueError(f"--select iterative removes round(ratio x {L}) blocks; ratio {ratio} removes none")
     loaded = load_model(str(analysis.get("model")))
     windows = token_windows(loaded.tokenizer, str(analysis.get("data") or "default"), seq_len=128, split="train",
                             max_windows=8)
-    result = iterative_selection(loaded.model, windows, n)
-    return result.scores(L), "iterative (SLEB: lowest calibration perplexity rise, re-measured after each removal)"
+    result = iterative_selection(loaded.model, windows, n, shortlist=shortlist)
+    how = "every block on every window" if not shortlist else f"shortlist {shortlist} after screening"
+    return result.scores(L), f"iterative (SLEB: lowest calibration perplexity rise, re-measured after each removal; {how})"
 
 
 def _gate_scores(analysis: dict, ratio: float, steps: int) -> list[float]:
@@ -145,6 +154,8 @@ def run(args: argparse.Namespace) -> dict:
         donors[int(pruned)] = None if none else int(donor)
     if args.gates_steps and (args.method != "foldgpt" or not args.analysis):
         raise ValueError(f"--gates-steps {args.gates_steps} needs --method foldgpt and --analysis")
+    if args.shortlist is not None and (args.select != "iterative" or not args.analysis):
+        raise ValueError(f"--shortlist {args.shortlist} needs --analysis and --select iterative")
     if args.analysis:
         analysis = _load_json(args.analysis, "analysis file")
         method = args.method or "flexigpt"
@@ -165,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
             plan = get_method(method).apply_cli_options(plan, args)
         else:
             ratio = args.ratio if args.ratio is not None else 0.0
-            scores, selection = _select_scores(analysis, args.select, ratio)
+            scores, selection = _select_scores(analysis, args.select, ratio, args.shortlist)
             plan = plan_from_analysis(analysis, ratio, method="flexigpt" if method in ("drop", "foldgpt") else method,
                                       extend_mode=args.extend_mode, scores=scores, selection=selection,
                                       keep_donors=args.keep_donors)
