@@ -24,7 +24,8 @@ the same recovery data, steps and tokens for every trained row:
                              (--fit-steps, default 200), then recovered (the whole block trains)
 - drop (iterative)           SLEB: blocks removed one at a time by calibration perplexity; alone
                              and + LoRA (=r8)
-- foldgpt gG (...)           FoldGPT with its cure (distillation incl. the last-block hidden state)
+- foldgpt gG (...)           FoldGPT with its cure (distillation incl. the last-block hidden state),
+                             with the first member's weights per group and with the members' average
 
 Columns: held-out perplexity at the start (after init and local fit, before any end-to-end step)
 and after recovery (in-domain, and on a second, differently styled text), stored and trainable
@@ -107,6 +108,8 @@ def _rows(args, analysis, base) -> tuple[list[Row], Plan]:
     assert all(len(p.pruned_blocks) == n for p in spans.values())
     rows.append(Row(f"foldgpt g{args.group_size} (cure: distill + tail, gate lr)", None,
                     spec={"objective": "distill", "hidden_weight": args.fold_hidden_weight}))
+    rows.append(Row(f"foldgpt g{args.group_size} averaged representative (same cure)", None,
+                    spec={"objective": "distill", "hidden_weight": args.fold_hidden_weight}))
     return rows, first
 
 
@@ -153,7 +156,7 @@ def main() -> None:
         rows = [r for r in rows if r.name == "original" or any(r.name.startswith(o) for o in only)]
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     rows = [r for r in rows if not any(r.name.startswith(o) for o in skip)]
-    iterative = None
+    iterative = fold = None
     for row in rows:
         if row.name.startswith("drop (iterative"):
             if iterative is None:
@@ -167,13 +170,15 @@ def main() -> None:
                       f"{sel.removed()} (one-shot BI: {list(first.pruned_blocks)})")
             row.plan = iterative if not row.trained else iterative.with_kept_lora(matched_lora_rank(first, base))
         if row.name.startswith("foldgpt"):
-            from flexigpt.gates import GateSpec, train_gates
-            from flexigpt.plan import foldgpt_plan
+            if fold is None:
+                from flexigpt.gates import GateSpec, train_gates
+                from flexigpt.plan import foldgpt_plan
 
-            gates = train_gates(base, calib.input_ids, GateSpec(ratio=args.ratio, steps=args.gates_steps))
-            row.plan = foldgpt_plan(args.model, gates.gates, args.ratio, args.group_size)
-            print(f"FoldGPT gates ({args.gates_steps} steps, {gates.seconds:.0f} s): removed "
-                  f"{list(row.plan.removed_blocks)}, groups {[list(g) for g in row.plan.groups]}")
+                gates = train_gates(base, calib.input_ids, GateSpec(ratio=args.ratio, steps=args.gates_steps))
+                fold = foldgpt_plan(args.model, gates.gates, args.ratio, args.group_size)
+                print(f"FoldGPT gates ({args.gates_steps} steps, {gates.seconds:.0f} s): removed "
+                      f"{list(fold.removed_blocks)}, groups {[list(g) for g in fold.groups]}")
+            row.plan = fold.with_notes(representative="average") if "averaged" in row.name else fold
 
     print(f"pruned blocks (0-based, lowest BI): {list(first.pruned_blocks)}; donors: {first.donors} "
           f"(metric {analysis.get('donor_suggestion', {}).get('metric')})")

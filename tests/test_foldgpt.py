@@ -172,6 +172,12 @@ def test_cli_plan_foldgpt_bi_and_gates_then_build_with_tail_distillation(tiny_mo
     plan = Plan.from_json(out.read_text())
     assert plan.removed_blocks == (2, 4) and plan.layer_map == (0, 0, 3, 3) and result["groups"] == [[0, 1], [2, 3]]
     assert result["params"]["stored"] == measure_params(apply_plan(tiny_model, plan)).stored
+    avg = tmp_path / "avg.json"
+    assert _cli(["plan", "--from-plan", str(out), "--representative", "average", "--out", str(avg)], capsys)[0] == 0
+    assert Plan.from_json(avg.read_text()).note("representative") == "average"
+    code, _, err = _cli(["plan", "--from-plan", str(out), "--method", "drop", "--representative", "average",
+                         "--out", str(tmp_path / "x.json")], capsys)
+    assert code == 2 and "--representative average applies to --method foldgpt" in err
     code, stdout, err = _cli(["plan", "--analysis", str(tmp_path), "--ratio", "0.34", "--method", "foldgpt",
                               "--gates-steps", "2", "--out", str(tmp_path / "gated.json")], capsys)
     assert code == 0, err
@@ -191,3 +197,41 @@ def test_cli_plan_foldgpt_bi_and_gates_then_build_with_tail_distillation(tiny_mo
     assert built["trainable_parameters"] == estimate_params(plan, tiny_model).trainable > 0
     assert built["ppl_after"] != built["ppl_before"] and built["recovery"]["hidden_weight"] == 1.0
     assert built["stored_parameters"] == estimate_params(plan, tiny_model).stored
+
+
+# ---- the group's representative: first member or members' average -----------------------
+def test_average_representative_runs_the_members_mean_and_exports_bit_identical(tiny_model, tiny_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from flexigpt.export import load_compact, save_compact, save_merged
+
+    plan = foldgpt_plan("tiny", [1.0, 0.5, 0.1, 0.7, 0.2, 0.9], 0.34, 2).with_notes(representative="average")
+    model = apply_plan(tiny_model, plan)
+    spec = arch_of(model)
+    blocks, base_blocks = get_blocks(model), get_blocks(tiny_model)
+    for group in plan.groups:
+        members = [plan.sources[s] for s in group]
+        for path in spec.linears:
+            mean = torch.stack([get_submodule(base_blocks[b], path).weight for b in members]).mean(0)
+            for s in group:
+                w = get_submodule(blocks[s], path).weight
+                assert torch.equal(w, mean) and not w.requires_grad
+                assert w.data_ptr() == get_submodule(blocks[group[0]], path).weight.data_ptr()
+    assert estimate_params(plan, tiny_model) == measure_params(model)
+    first = apply_plan(tiny_model, plan.with_notes(representative="first"))
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        assert not torch.equal(ref, first(input_ids=ids).logits)
+    save_compact(model, plan, tiny_tokenizer, tmp_path / "c")
+    with torch.no_grad():
+        assert torch.equal(load_compact(tmp_path / "c").model(input_ids=ids).logits, ref)
+    save_merged(model, plan, tiny_tokenizer, tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()(input_ids=ids).logits, ref)
+
+
+def test_bad_representative_is_refused():
+    plan = foldgpt_plan("tiny", [1.0, 0.5, 0.1, 0.7, 0.2, 0.9], 0.34, 2)
+    with pytest.raises(ValueError, match="representative 'median' is not one of first, average"):
+        plan.with_notes(representative="median")

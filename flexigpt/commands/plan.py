@@ -204,6 +204,10 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--group-size {args.group_size} applies to --method foldgpt, not {method}")
     if method != plan.method or (method == "foldgpt" and args.group_size is not None):
         plan = plan.with_method(method, group_size=args.group_size)
+    if getattr(args, "representative", None) is not None:
+        if method != "foldgpt":
+            raise ValueError(f"--representative {args.representative} applies to --method foldgpt, not {method}")
+        plan = plan.with_notes(representative=args.representative)
     changes = {k: v for k, v in (("rank", args.rank), ("out_norm", args.out_norm), ("out_norm_scale", args.out_norm_scale),
                                  ("align", args.align), ("init", args.init)) if v is not None}
     if changes:

@@ -39,6 +39,7 @@ class BuildContext:
         init_adapters: ``False`` when rebuilding an export skeleton (values are loaded afterwards).
         ranks: the LoRA rank per matrix of the slot adapters; a method fills it.
         extra: method-specific results (kept in ``BuildInfo.extra``).
+        scratch: modules a method builds once and reuses across its slots (not kept).
     """
 
     base: Any
@@ -49,6 +50,7 @@ class BuildContext:
     init_adapters: bool = True
     ranks: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    scratch: dict[Any, Any] = field(default_factory=dict)
 
 
 class Method:

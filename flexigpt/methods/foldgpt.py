@@ -5,6 +5,11 @@ Fewer slots than blocks; ``Plan.sources`` names the base block each slot stands 
 and ``layer_map`` the block whose weights it runs: the first member of its group. Every slot's
 pre-norms are its own and the only parameters FoldGPT's "cure" trains (no LoRA, no output norm).
 
+The group's shared weights (the plan note ``representative``): ``first`` (the default) runs the
+first member's own matrices; ``average`` runs the element-wise mean of the members' matrices
+(a new tensor per group, computed from the base at build time, so a compact export rebuilds it
+bit for bit). bench/quality.py measures both.
+
 Paper: FoldGPT (Liu et al., 2024), https://arxiv.org/abs/2407.00928
 """
 from __future__ import annotations
@@ -17,7 +22,9 @@ from typing import Any
 from flexigpt.methods.base import BuildContext, Method
 from flexigpt.validate import MAX_BLOCKS, check_int
 
-__all__ = ["FoldGPT", "fold_layout"]
+__all__ = ["FoldGPT", "REPRESENTATIVES", "fold_layout"]
+
+REPRESENTATIVES = ("first", "average")  # what a group's shared weights are; the first is the default
 
 
 def fold_layout(kept: Sequence[int], group_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -45,6 +52,9 @@ class FoldGPT(Method):
             check_int(b, f"sources[{s}]", 0, L - 1)
         if any(b <= a for a, b in zip(src, src[1:])):
             raise ValueError(f"foldgpt sources list the kept blocks in increasing order without duplicates, got {list(src)}")
+        rep = plan.note("representative", "first")
+        if rep not in REPRESENTATIVES:
+            raise ValueError(f"foldgpt representative {rep!r} is not one of {', '.join(REPRESENTATIVES)}")
         own = {b: d for b, d in zip(src, lm)}
         for s, d in enumerate(lm):
             if own.get(d) != d:
@@ -77,9 +87,16 @@ class FoldGPT(Method):
         from flexigpt.slots import own_prenorms, structural_copy
 
         block, source = plan.layer_map[slot], plan.sources[slot]
-        # the group's first member runs the copy of its block, the others a further copy; every
-        # member gets its own pre-norms, copied from the block it stands for (trainable)
-        module = ctx.copies[block] if source == block else structural_copy(ctx.copies[block])
+        shared = ctx.copies[block]
+        members = [b for b, d in zip(plan.sources, plan.layer_map) if d == block]
+        if plan.note("representative", "first") == "average" and len(members) > 1:
+            shared = ctx.scratch.get(("foldgpt average", block))
+            if shared is None:
+                shared = _averaged(ctx.copies[block], [ctx.base_blocks[b] for b in members], ctx.spec.linears)
+                ctx.scratch[("foldgpt average", block)] = shared
+        # the group's first member runs the shared block, the others a further copy (the same
+        # Parameters); every member gets its own pre-norms, copied from the block it stands for (trainable)
+        module = shared if source == block else structural_copy(shared)
         own_prenorms(module, ctx.base_blocks[source], ctx.spec.norms)
         return module
 
@@ -92,6 +109,9 @@ class FoldGPT(Method):
     def add_cli_options(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--group-size", type=int, default=None,
                             help="foldgpt: kept blocks per group sharing one block's weights (default 2)")
+        parser.add_argument("--representative", choices=REPRESENTATIVES, default=None,
+                            help="foldgpt: the weights a group shares: the first member's (default) or the members' "
+                                 "element-wise average")
         parser.add_argument("--gates-steps", type=int, default=0,
                             help="foldgpt: train FoldGPT block gates for N steps on the analysis's calibration data and "
                                  "remove the lowest-gated blocks (default 0: the lowest Block Influence from --analysis)")
@@ -99,3 +119,23 @@ class FoldGPT(Method):
     def plan_options(self, args: argparse.Namespace) -> dict[str, Any]:
         size = getattr(args, "group_size", None)
         return {"group_size": 2 if size is None else size}
+
+
+def _averaged(first, members, linears) -> Any:
+    """A copy of block ``first`` whose linear matrices (and biases) are new, frozen Parameters: the
+    element-wise mean of ``members``' (the base blocks of one group)."""
+    import torch
+    import torch.nn as nn
+
+    from flexigpt.arch import get_submodule
+    from flexigpt.slots import structural_copy
+
+    block = structural_copy(first)
+    with torch.no_grad():
+        for path in linears:
+            linear = get_submodule(block, path)
+            sources = [get_submodule(m, path) for m in members]
+            linear.weight = nn.Parameter(torch.stack([s.weight for s in sources]).mean(0), requires_grad=False)
+            if linear.bias is not None:
+                linear.bias = nn.Parameter(torch.stack([s.bias for s in sources]).mean(0), requires_grad=False)
+    return block
