@@ -13,7 +13,7 @@ is a new key. ``ChatData.windows`` renders every conversation as the chat shows 
 (the templated prompt, the reply tokens, the end-of-turn token), concatenates the conversations
 in a seeded order and cuts the stream into ``(N, seq_len)`` windows, like
 ``flexigpt.data.token_windows``: ``flexigpt.recover.recover`` trains on them unchanged.
-``mix_windows`` interleaves two window sets at a given share.
+``mix_windows`` interleaves two window sets at a given share (and their loss masks).
 """
 from __future__ import annotations
 
@@ -154,8 +154,13 @@ class ChatData:
         """Each conversation's tokens: templated prompt, reply, end-of-turn token if the reply ended."""
         return [list(r.prompt_ids) + list(r.tokens) + (list(self.end_ids) if r.ended else []) for r in self.replies]
 
-    def windows(self, seq_len: int = 256, *, seed: int = 0, max_windows: int | None = None) -> Windows:
+    def windows(self, seq_len: int = 256, *, seed: int = 0, max_windows: int | None = None,
+                replies_only: bool = False) -> Windows:
         """The conversations, in a seeded order, as one stream cut into ``(N, seq_len)`` windows.
+
+        With ``replies_only`` the windows carry a ``loss_mask`` that marks the reply tokens (and
+        the end-of-turn token after them): recovery then learns to predict the original's
+        replies, not the chat template and the prompts, which the model reads but never writes.
 
         Raises:
             ValueError: a bad ``seq_len``/``max_windows`` or fewer tokens than one window.
@@ -166,14 +171,18 @@ class ChatData:
                                         or max_windows < 1):
             raise ValueError(f"max_windows must be a positive integer or None, got {max_windows!r}")
         convs = self.conversations()
-        random.Random(seed).shuffle(convs)
-        stream = torch.tensor([t for c in convs for t in c], dtype=torch.long)
+        written = [len(r.prompt_ids) for r in self.replies]  # tokens before the reply, per conversation
+        order = list(range(len(convs)))
+        random.Random(seed).shuffle(order)
+        stream = torch.tensor([t for i in order for t in convs[i]], dtype=torch.long)
+        mask = torch.tensor([j >= written[i] for i in order for j in range(len(convs[i]))], dtype=torch.bool)
         n = len(stream) // seq_len if max_windows is None else min(len(stream) // seq_len, max_windows)
         if n == 0:
             raise ValueError(f"the chat data has {len(stream)} tokens, fewer than one window of {seq_len}")
         return Windows(input_ids=stream[: n * seq_len].view(n, seq_len).clone(),
-                       data=f"chat:{self.prompts.name}:{self.prompts.sha256[:12]}", split="train", seq_len=seq_len,
-                       total_tokens=len(stream), bos=False)
+                       data=f"chat:{self.prompts.name}:{self.prompts.sha256[:12]}{':replies' if replies_only else ''}",
+                       split="train", seq_len=seq_len, total_tokens=len(stream), bos=False,
+                       loss_mask=mask[: n * seq_len].view(n, seq_len).clone() if replies_only else None)
 
     def protocol(self) -> dict[str, Any]:
         return {**self.prompts.protocol(), "max_new_tokens": self.max_new_tokens, "greedy": True,
@@ -249,18 +258,29 @@ def mix_windows(a: Windows | torch.Tensor, b: Windows | torch.Tensor, fraction: 
     nb = min(ib.shape[0], int(round(fraction * total)))
     na = min(ia.shape[0], total - nb)
     # window k comes from b when the running share of b falls behind the target (evenly spread)
-    rows, ta, tb = [], 0, 0
+    ma, mb = (_mask(w, ids) for w, ids in ((a, ia), (b, ib)))
+    rows, masks, ta, tb = [], [], 0, 0
     for k in range(na + nb):
         if tb < nb and (ta >= na or (tb + 1) <= fraction * (k + 1) + 1e-9):
             rows.append(ib[tb])
+            masks.append(mb[tb])
             tb += 1
         else:
             rows.append(ia[ta])
+            masks.append(ma[ta])
             ta += 1
     if not rows:
         raise ValueError(f"mixing {ia.shape[0]} and {ib.shape[0]} windows at fraction {fraction} leaves no window")
     names = [w.data if isinstance(w, Windows) else side for w, side in ((a, "a"), (b, "b"))]
     total_tokens = sum(w.total_tokens if isinstance(w, Windows) else int(w.numel()) for w in (a, b))
     bos = isinstance(a, Windows) and isinstance(b, Windows) and a.bos and b.bos
+    masked = any(getattr(w, "loss_mask", None) is not None for w in (a, b))
     return Windows(input_ids=torch.stack(rows), data=f"mix({names[0]}, {names[1]}, {fraction:g})", split="train",
-                   seq_len=int(ia.shape[1]), total_tokens=total_tokens, bos=bos)
+                   seq_len=int(ia.shape[1]), total_tokens=total_tokens, bos=bos,
+                   loss_mask=torch.stack(masks) if masked else None)
+
+
+def _mask(w: Any, ids: torch.Tensor) -> torch.Tensor:
+    """``w``'s loss mask, or every token when it has none."""
+    mask = getattr(w, "loss_mask", None)
+    return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask

@@ -18,6 +18,7 @@ trailing remainder shorter than a window is dropped.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -46,10 +47,20 @@ class Windows:
     seq_len: int
     total_tokens: int  # tokens in the whole source, before the split
     bos: bool
+    # (N, T) bool, or None (every token): which tokens recovery learns to predict. Chat data marks
+    # only the replies, so the loss is not spent on the chat template and the prompts.
+    loss_mask: torch.Tensor | None = None
 
     @property
     def num_windows(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def head(self, n: int | None) -> "Windows":
+        """The first ``n`` windows (all when ``n`` is None or not smaller)."""
+        if n is None or self.num_windows <= n:
+            return self
+        mask = None if self.loss_mask is None else self.loss_mask[:n].clone()
+        return dataclasses.replace(self, input_ids=self.input_ids[:n].clone(), loss_mask=mask)
 
     def protocol(self) -> dict[str, Any]:
         """The fields printed next to every number computed on these windows."""
@@ -62,6 +73,7 @@ class Windows:
             "tokens": self.num_windows * self.seq_len,
             "level": "token",
             "bos": self.bos,
+            **({} if self.loss_mask is None else {"loss_tokens": int(self.loss_mask[:, 1:].sum())}),
         }
 
 

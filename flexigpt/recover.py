@@ -93,21 +93,46 @@ def _tail_hook(store: dict[str, torch.Tensor], key: str):
     return hook
 
 
-def _objective(model, teacher, batch, spec: RecoverSpec, tails: dict, autocast) -> torch.Tensor:
+def _window_mask(windows: Any, ids: torch.Tensor) -> torch.Tensor | None:
+    """The windows' loss mask cut like ``ids``, or ``None`` (every token is learned)."""
+    mask = getattr(windows, "loss_mask", None)
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape[0] != ids.shape[0] \
+            or mask.shape[1] < ids.shape[1]:
+        raise ValueError(f"windows.loss_mask must be a bool tensor shaped like the windows {tuple(ids.shape)}, "
+                         f"got {getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+    return mask[:, : ids.shape[1]]
+
+
+def _objective(model, teacher, batch, spec: RecoverSpec, tails: dict, autocast,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The step's loss; with ``mask`` (B, T) the token and distillation terms count only the
+    positions whose next token is marked (a batch with none marked contributes zero)."""
     logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, T, V)
     loss = logits.new_zeros(())
+    learn = None if mask is None else mask[:, 1:].to(logits.device)  # position t predicts token t + 1
     if spec.objective in ("lm", "mix"):
-        loss = loss + F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+        if learn is None:
+            loss = loss + F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+        else:
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+            loss = loss + (nll * learn.flatten()).sum() / learn.sum().clamp_min(1)
     if spec.objective in ("distill", "mix"):
         with torch.no_grad(), autocast():
             t_logits = teacher(input_ids=batch, use_cache=False).logits.float()
         if spec.kd_weight > 0:
             temp = spec.kd_temperature
-            kl = F.kl_div(
-                F.log_softmax(logits / temp, -1).flatten(0, 1),
-                F.log_softmax(t_logits / temp, -1).flatten(0, 1),
-                log_target=True, reduction="batchmean",  # mean over tokens
-            )
+            if learn is None:
+                kl = F.kl_div(
+                    F.log_softmax(logits / temp, -1).flatten(0, 1),
+                    F.log_softmax(t_logits / temp, -1).flatten(0, 1),
+                    log_target=True, reduction="batchmean",  # mean over tokens
+                )
+            else:
+                per_token = F.kl_div(F.log_softmax(logits[:, :-1] / temp, -1), F.log_softmax(t_logits[:, :-1] / temp, -1),
+                                     log_target=True, reduction="none").sum(-1)
+                kl = (per_token * learn).sum() / learn.sum().clamp_min(1)
             loss = loss + spec.kd_weight * kl * temp * temp
         if spec.hidden_weight > 0:
             s, t = tails["student"].float(), tails["teacher"].float()  # (B, T, D)
@@ -132,7 +157,8 @@ def recover(
     Args:
         model: the model to heal, in place. Trainable parameters are upcast to fp32; a bf16/fp16
             frozen base then needs autocast, i.e. an ``accelerator`` with mixed precision.
-        windows: ``(N, T)`` int64 token windows or ``flexigpt.data.Windows``.
+        windows: ``(N, T)`` int64 token windows or ``flexigpt.data.Windows`` (whose ``loss_mask``,
+            when set, limits the loss to the marked tokens).
         spec: budget, optimiser and objective.
         teacher: the original model, required for ``distill``/``mix``; never changed.
         checkpoint_dir: where ``recover-checkpoint.pt`` goes (only the main process writes it).
@@ -148,6 +174,7 @@ def recover(
             mismatched checkpoint.
     """
     ids = _windows_tensor(windows, spec.seq_len)
+    mask = _window_mask(windows, ids)
     if spec.objective != "lm" and teacher is None:
         raise ValueError(f"recover.objective {spec.objective!r} needs the original model as teacher=")
     if resume and checkpoint_dir is None:
@@ -179,7 +206,7 @@ def recover(
     from transformers import get_cosine_schedule_with_warmup
 
     sched = get_cosine_schedule_with_warmup(opt, spec.warmup_steps, spec.steps)
-    data = _digest(ids)
+    data = _digest(ids) + ("" if mask is None else "+mask:" + _digest(mask.to(torch.uint8)))
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start, cursor, elapsed0 = 0, 0, 0.0
     if resume and (ckpt_dir / CHECKPOINT_NAME).is_file():
@@ -235,10 +262,12 @@ def recover(
             total = torch.zeros((), device=device)
             for micro in range(spec.grad_accum):
                 first = cursor + (micro * world + rank) * spec.batch_size
-                batch = ids[_indices(spec.seed, n, first, spec.batch_size, perms)].to(device)
+                picked = _indices(spec.seed, n, first, spec.batch_size, perms)
+                batch = ids[picked].to(device)
                 sync = acc.no_sync(train_model) if acc and micro < spec.grad_accum - 1 else contextlib.nullcontext()
                 with sync:
-                    loss = _objective(train_model, teacher, batch, spec, tails, autocast) / spec.grad_accum
+                    loss = _objective(train_model, teacher, batch, spec, tails, autocast,
+                                      None if mask is None else mask[picked]) / spec.grad_accum
                     acc.backward(loss) if acc else loss.backward()
                 total += loss.detach()
             cursor += per_step

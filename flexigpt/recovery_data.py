@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch.nn as nn
@@ -31,14 +30,12 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 
 def _first(windows: Windows, n: int | None) -> Windows:
-    if n is None or windows.num_windows <= n:
-        return windows
-    return dataclasses.replace(windows, input_ids=windows.input_ids[:n].clone())
+    return windows.head(n)
 
 
 def recovery_windows(base: nn.Module, tokenizer: Any, ref: str, *, text: str = "default", seq_len: int = 256,
                      max_windows: int | None = None, max_len: int | None = None, fraction: float = 0.5,
-                     prompts: int | None = None) -> Windows:
+                     prompts: int | None = None, replies_only: bool = False) -> Windows:
     """Train windows for recovery (or calibration) from ``ref``.
 
     Args:
@@ -50,6 +47,8 @@ def recovery_windows(base: nn.Module, tokenizer: Any, ref: str, *, text: str = "
         fraction: the share of chat windows in ``mixed``.
         prompts: use only the first ``prompts`` distillation prompts (fewer replies to generate
             when little data is needed, as in the app's short recoveries); ``None``: all.
+        replies_only: the chat windows carry a loss mask that marks only the replies
+            (``ChatData.windows``); text windows learn every token.
 
     Raises:
         ValueError: ``chat``/``mixed`` with a tokenizer that has no chat template, and every
@@ -65,7 +64,7 @@ def recovery_windows(base: nn.Module, tokenizer: Any, ref: str, *, text: str = "
         if isinstance(prompts, bool) or not isinstance(prompts, int) or prompts < 1:
             raise ValueError(f"prompts must be a positive integer or None, got {prompts!r}")
         pset = PromptSet(name=f"{pset.name}, first {prompts}", items=pset.items[:prompts])
-    chat = chat_data(base, tokenizer, prompts=pset).windows(seq_len=seq_len)
+    chat = chat_data(base, tokenizer, prompts=pset).windows(seq_len=seq_len, replies_only=replies_only)
     if ref == CHAT:
         return _first(chat, max_windows)
     plain = token_windows(tokenizer, text, seq_len=seq_len, split="train", max_len=max_len)

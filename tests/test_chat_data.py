@@ -130,3 +130,66 @@ def test_recovery_windows_resolve_text_chat_and_mixed(tiny_model, tiny_tokenizer
     plain.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         recovery_windows(tiny_model, plain, "mixed", seq_len=16)
+
+
+# ---- loss only on the replies ------------------------------------------------------------------
+def test_replies_only_masks_the_template_and_the_prompts(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXIGPT_CACHE", str(tmp_path))
+    model = copy.deepcopy(tiny_model)
+    model.generation_config.eos_token_id = 3
+    data = chat_data(model, tiny_tokenizer, prompts=SMALL, max_new_tokens=6)
+    plain, masked = data.windows(seq_len=16), data.windows(seq_len=16, replies_only=True)
+    assert plain.loss_mask is None and torch.equal(plain.input_ids, masked.input_ids)
+    # rebuild the expected mask from the conversations, in the windows' seeded order
+    convs = data.conversations()
+    marks = {tuple(c): [j >= len(r.prompt_ids) for j in range(len(c))] for c, r in zip(convs, data.replies)}
+    stream, want = masked.input_ids.flatten().tolist(), []
+    while len(want) < len(stream):
+        conv = next(c for c in marks if stream[len(want): len(want) + len(c)] == list(c)[: len(stream) - len(want)])
+        want += marks[conv][: len(stream) - len(want)]
+    assert masked.loss_mask.flatten().tolist() == want
+    assert 0 < masked.protocol()["loss_tokens"] < masked.num_windows * 16
+    assert masked.head(2).loss_mask.shape == (2, 16) and masked.data.endswith(":replies")
+    mixed = mix_windows(torch.zeros((8, 16), dtype=torch.long), masked, 0.5)
+    from_chat = [any(torch.equal(r, c) for c in masked.input_ids) for r in mixed.input_ids]
+    assert any(from_chat) and not all(from_chat)
+    for chat_row, m in zip(from_chat, mixed.loss_mask):
+        assert bool(m.all()) == (not chat_row)  # text windows learn every token, chat windows only replies
+    assert mix_windows(torch.zeros((8, 16), dtype=torch.long), plain, 0.5).loss_mask is None
+
+
+def test_the_masked_loss_counts_only_marked_targets(tiny_model):
+    from flexigpt.recover import _objective
+
+    ids = torch.randint(4, 100, (2, 12))
+    spec = RecoverSpec(steps=1, batch_size=2, seq_len=12)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, 6:] = True
+    with torch.no_grad():
+        logits = tiny_model(input_ids=ids).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        want = nll.view(2, 11)[:, 5:].mean()
+        got = _objective(tiny_model, None, ids, spec, {}, torch.no_grad, mask)
+        full = _objective(tiny_model, None, ids, spec, {}, torch.no_grad, None)
+        assert torch.allclose(got, want) and not torch.allclose(got, full)
+        assert torch.allclose(_objective(tiny_model, None, ids, spec, {}, torch.no_grad, torch.ones_like(mask)), full)
+        assert float(_objective(tiny_model, None, ids, spec, {}, torch.no_grad, torch.zeros_like(mask))) == 0.0
+        kd = RecoverSpec(steps=1, batch_size=2, seq_len=12, objective="distill", hidden_weight=0.0)
+        assert float(_objective(tiny_model, tiny_model, ids, kd, {}, torch.no_grad, mask)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_recovery_on_masked_windows_and_bad_masks(tiny_model):
+    ids = torch.randint(4, 100, (4, 12))
+    student = copy.deepcopy(tiny_model)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    student.model.norm.weight.requires_grad_(True)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    w = Windows(input_ids=ids, data="x", split="train", seq_len=12, total_tokens=48, bos=False, loss_mask=mask)
+    before = student.model.norm.weight.detach().clone()
+    logs = list(recover(student, w, RecoverSpec(steps=1, batch_size=2, seq_len=12, weight_decay=0.0)))
+    assert logs[0].loss == 0.0 and torch.equal(student.model.norm.weight, before)  # nothing marked: nothing learned
+    bad = Windows(input_ids=ids, data="x", split="train", seq_len=12, total_tokens=48, bos=False,
+                  loss_mask=mask[:2])
+    with pytest.raises(ValueError, match=r"loss_mask must be a bool tensor shaped like the windows \(4, 12\)"):
+        list(recover(student, bad, RecoverSpec(steps=1, batch_size=2, seq_len=12)))
