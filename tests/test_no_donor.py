@@ -187,3 +187,24 @@ def test_a_hand_pruned_block_follows_the_no_donor_suggestion():
     assert not suggests_no_donor(analysis, plan, 3)
     assert not suggests_no_donor(analysis, plan.with_method("drop"), 4)  # only flexigpt slots
     assert not suggests_no_donor(None, plan, 4)
+
+
+def test_cli_drop_follows_the_analysis_suggestion(tmp_path, capsys, tiny_folder):
+    """`plan --analysis A --drop B` gives B the analysis' choice, as the proposal and the app's "auto" do."""
+    from flexigpt.cli import main
+
+    L = 6
+    analysis = dict(_function_analysis(L, 0.5, [0.3, 0.9, 0.9, 0.9, 0.1, 0.9]), model=str(tiny_folder))
+    (tmp_path / "analysis.json").write_text(json.dumps(analysis))
+    out = tmp_path / "p.json"
+    assert main(["plan", "--analysis", str(tmp_path), "--ratio", str(1 / L), "--drop", "4,3", "--out", str(out)]) == 0
+    lm = json.loads(out.read_text())["layer_map"]
+    assert lm[0] is None and lm[4] is None  # fitted better alone (0.3, 0.1 < 0.5)
+    assert lm[3] is not None and lm[3] not in (0, 3, 4)
+    assert main(["plan", "--analysis", str(tmp_path), "--ratio", str(1 / L), "--drop", "4", "--keep-donors",
+                 "--out", str(out)]) == 0
+    assert None not in json.loads(out.read_text())["layer_map"]
+    assert main(["plan", "--analysis", str(tmp_path), "--ratio", str(1 / L), "--drop", "4", "--donor", "4=5",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["layer_map"][4] == 5  # a hand-given donor wins
+    capsys.readouterr()

@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> dict:
     from flexigpt.atomic import write_text
     from flexigpt.methods import get_method
     from flexigpt.params import estimate_params
-    from flexigpt.plan import Plan, extend_plan, foldgpt_plan, plan_from_analysis
+    from flexigpt.plan import Plan, extend_plan, foldgpt_plan, plan_from_analysis, suggested_donor, suggests_no_donor
 
     drops, keeps, ext = _ids(args.drop, "--drop"), _ids(args.keep, "--keep"), _ids(args.extend_blocks, "--extend-blocks")
     donors = {}
@@ -156,6 +156,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--gates-steps {args.gates_steps} needs --method foldgpt and --analysis")
     if args.shortlist is not None and (args.select != "iterative" or not args.analysis):
         raise ValueError(f"--shortlist {args.shortlist} needs --analysis and --select iterative")
+    analysis = None
     if args.analysis:
         analysis = _load_json(args.analysis, "analysis file")
         method = args.method or "flexigpt"
@@ -194,6 +195,13 @@ def run(args: argparse.Namespace) -> dict:
     for b in keeps:
         plan = plan.keep(b)
     for b in drops:
+        if b not in donors and analysis is not None and plan.method_spec.chooses_donors:
+            # no --donor for it: the analysis' choice, as for the proposed slots (and the app's "auto")
+            if not args.keep_donors and suggests_no_donor(analysis, plan, b):
+                plan = (plan if b in plan.pruned_blocks else plan.drop(b)).with_donor(b, None)
+            elif b not in plan.pruned_blocks:
+                plan = plan.drop(b, suggested_donor(analysis, plan, b))
+            continue
         plan = plan.drop(b, donors.get(b))
         if b in donors and donors[b] is None:
             plan = plan.with_donor(b, None)
