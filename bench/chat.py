@@ -43,7 +43,7 @@ from flexigpt.data import token_windows  # noqa: E402
 from flexigpt.fidelity import builtin_prompts, chat_fidelity, load_prompts  # noqa: E402
 from flexigpt.models import load_model  # noqa: E402
 from flexigpt.params import measure_params  # noqa: E402
-from flexigpt.pipeline import CHAT_SHARE, build, needs_calibration, recover_model  # noqa: E402
+from flexigpt.pipeline import CHAT_LOSS, CHAT_LOSSES, CHAT_SHARE, build, needs_calibration, recover_model  # noqa: E402
 from flexigpt.plan import AdapterSpec, plan_from_analysis  # noqa: E402
 from flexigpt.recover import RecoverSpec  # noqa: E402
 
@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=RecoverSpec().lr)
     ap.add_argument("--mix-fraction", type=float, default=CHAT_SHARE,
                     help="share of chat windows in the `mixed` data (default: build's, flexigpt.pipeline.CHAT_SHARE)")
+    ap.add_argument("--chat-loss", default=CHAT_LOSS, choices=CHAT_LOSSES,
+                    help="which tokens of the chat windows recovery learns (default: build's)")
     ap.add_argument("--eval-windows", type=int, default=16, help="held-out windows of `default` for perplexity")
     ap.add_argument("--calib-windows", type=int, default=32, help="analysis (and calibration) windows")
     ap.add_argument("--prompts", default=None, help="a .jsonl prompt set instead of the built-in one")
@@ -128,7 +130,7 @@ def main() -> None:
             elif name == "chat":
                 t = time.perf_counter()
                 chat = chat_data(base, tok, max_new_tokens=args.chat_max_new_tokens)
-                windows[name] = chat.windows(seq_len=args.seq_len)
+                windows[name] = chat.windows(seq_len=args.seq_len, replies_only=args.chat_loss == "replies")
                 data_info["chat"] = {**chat.protocol(), "generated": chat.generated, "seconds": round(chat.seconds, 1),
                                      "windows": windows[name].num_windows}
                 print(f"chat data: {len(chat.replies)} conversations, {windows[name].num_windows} windows, "
@@ -189,7 +191,7 @@ def main() -> None:
     print(f"chat-fidelity protocol: {json.dumps({k: v for k, v in original.protocol.items() if k != 'loop_rule'})}")
     print(f"held-out protocol: {json.dumps(held.protocol())}")
     print(f"recovery: {args.steps} steps x batch {args.batch_size} x {args.seq_len} tokens, lr {args.lr}; "
-          f"mixed = {args.mix_fraction:g} chat")
+          f"mixed = {args.mix_fraction:g} chat; chat loss on {args.chat_loss}")
     print(f"{'method':<{w}}{'score':>7}{'agree':>7}{'degen':>7}{'lost':>6}{'ppl':>9}{'ppl/lm':>8}{'s/step':>8}{'meets':>7}")
     for r in rows:
         ratio = r.get("ppl_vs_lm_default")
@@ -201,7 +203,7 @@ def main() -> None:
     if args.json:
         print(json.dumps({"rows": rows, "fidelity_protocol": original.protocol, "heldout_protocol": held.protocol(),
                           "data": data_info, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                          "lr": args.lr, "mix_fraction": args.mix_fraction, "pruned": list(plan.pruned_blocks),
+                          "lr": args.lr, "mix_fraction": args.mix_fraction, "chat_loss": args.chat_loss, "pruned": list(plan.pruned_blocks),
                           "targets": {"score_share": SCORE_SHARE, "ppl_slack": PPL_SLACK}}))
 
 

@@ -32,12 +32,12 @@ from flexigpt.export import save_compact, save_merged
 from flexigpt.params import matched_lora_rank, measure_params
 from flexigpt.plan import Plan
 from flexigpt.recover import RecoverSpec, StepLog, recover
-from flexigpt.recovery_data import recovery_windows
+from flexigpt.recovery_data import RECOVERY_SOURCES, recovery_windows
 from flexigpt.surgery import apply_plan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHAT_RECIPE", "CHAT_SHARE", "TEXT_RECIPE", "RunOptions", "build", "default_recovery", "needs_calibration", "recipe",
+__all__ = ["CHAT_LOSS", "CHAT_LOSSES", "CHAT_RECIPE", "CHAT_SHARE", "TEXT_RECIPE", "RunOptions", "build", "default_recovery", "needs_calibration", "recipe",
            "recover_model", "run"]
 
 
@@ -49,6 +49,10 @@ __all__ = ["CHAT_RECIPE", "CHAT_SHARE", "TEXT_RECIPE", "RunOptions", "build", "d
 CHAT_RECIPE: tuple[str, str | None] = ("lm", "mixed")
 TEXT_RECIPE: tuple[str, str | None] = ("lm", None)
 CHAT_SHARE = 0.2  # share of chat windows in `mixed` recovery data when none is given
+# What recovery learns on chat windows: every token ("all") or only the original's replies
+# ("replies": the chat template and the prompts are read, not learned); bench/RESULTS.md.
+CHAT_LOSSES = ("replies", "all")
+CHAT_LOSS = "all"
 
 
 def default_recovery(chat_model: bool) -> tuple[str, str | None]:
@@ -144,6 +148,8 @@ class RunOptions:
         calibration_windows: train windows for the slot initialisation and local fitting.
         fit_steps: block-local fitting steps per slot before recovery (0: none).
         chat_share: the share of chat windows in ``mixed`` recovery data (``CHAT_SHARE`` by default).
+        chat_loss: which tokens of chat windows recovery learns, one of ``CHAT_LOSSES``
+            (``CHAT_LOSS`` by default).
     """
 
     out: str
@@ -159,6 +165,7 @@ class RunOptions:
     calibration_windows: int = 32
     fit_steps: int = 0
     chat_share: float | None = None
+    chat_loss: str | None = None
 
 
 def run(plan: Plan, options: RunOptions, spec: RecoverSpec | None = None, *, base: nn.Module | None = None,
@@ -176,6 +183,9 @@ def run(plan: Plan, options: RunOptions, spec: RecoverSpec | None = None, *, bas
     share = CHAT_SHARE if options.chat_share is None else options.chat_share
     if not (isinstance(share, (int, float)) and not isinstance(share, bool) and 0.0 < share < 1.0):
         raise ValueError(f"chat share must be a number between 0 and 1 (exclusive), got {share!r}")
+    chat_loss = CHAT_LOSS if options.chat_loss is None else options.chat_loss
+    if chat_loss not in CHAT_LOSSES:
+        raise ValueError(f"chat loss {chat_loss!r} is not one of {', '.join(CHAT_LOSSES)}")
     main = accelerator is None or accelerator.is_main_process
     if base is None:
         loaded = load_model(plan.base_model)
@@ -198,7 +208,8 @@ def run(plan: Plan, options: RunOptions, spec: RecoverSpec | None = None, *, bas
         result["ppl_before"] = round(evaluate.perplexity(model, heldout).ppl, 4)
     if spec is not None:
         train = recovery_windows(base, tokenizer, train_ref, text=options.data, seq_len=spec.seq_len,
-                                 max_windows=options.train_windows, max_len=context, fraction=share)
+                                 max_windows=options.train_windows, max_len=context, fraction=share,
+                                 replies_only=chat_loss == "replies")
         ckpt = Path(str(Path(options.out)) + "-checkpoint") if spec.checkpoint_every or options.resume else None
         last = None
         for record in recover_model(model, base, train, spec, checkpoint_dir=ckpt, resume=options.resume,
@@ -209,6 +220,7 @@ def run(plan: Plan, options: RunOptions, spec: RecoverSpec | None = None, *, bas
         result["recovery"] = {
             **spec.to_dict(), "train_data": train_ref, "train_windows": train.num_windows,
             **({"chat_share": share} if train_ref == "mixed" else {}),
+            **({"chat_loss": chat_loss} if train_ref in RECOVERY_SOURCES else {}),
             "final_loss": last.loss if last else None, "tokens_seen": last.tokens_seen if last else 0,
             "seconds": round(last.elapsed_s, 2) if last else 0.0, "checkpoint": str(ckpt) if ckpt else None,
             "processes": accelerator.num_processes if accelerator else 1,

@@ -70,3 +70,22 @@ def test_build_refuses_a_chat_share_outside_0_1_before_loading(share, tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith(f"error: --chat-share must be between 0 and 1 (exclusive), got {float(share)}")
     assert not (tmp_path / "m").exists()
+
+
+def test_build_on_chat_data_learns_the_replies_only_when_asked(tiny_folder, tmp_path, capsys, monkeypatch):
+    from flexigpt.plan import Plan
+
+    monkeypatch.setenv("FLEXIGPT_CACHE", str(tmp_path / "cache"))
+    plan = tmp_path / "plan.json"
+    plan.write_text(Plan.identity(tiny_folder, 6, method="drop").drop(2).with_kept_lora(2).to_json())
+    common = ["build", "--plan", str(plan), "--steps", "1", "--seq-len", "16", "--batch-size", "2",
+              "--eval-windows", "1", "--train-data", "chat", "--checkpoint-every", "0", "--json"]
+    results = {}
+    for loss in ("replies", "all"):
+        assert main([*common, "--out", str(tmp_path / loss), "--chat-loss", loss]) == 0
+        results[loss] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["recovery"]
+        assert results[loss]["chat_loss"] == loss
+    assert results["replies"]["final_loss"] != results["all"]["final_loss"]
+    with pytest.raises(SystemExit) as bad:
+        main([*common, "--out", str(tmp_path / "x"), "--chat-loss", "prompts"])
+    assert bad.value.code == 2 and "invalid choice: 'prompts'" in capsys.readouterr().err

@@ -148,7 +148,7 @@ def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_
     """Generator: train the build's adapters, yielding (loss figure, status, builds token) per step.
     ``objective`` (``lm``/``distill``/``mix``) and ``source`` (a ``SOURCES`` label) default to the
     recipe the app recommends for the model (``default_recipe``)."""
-    from flexigpt.pipeline import CHAT_SHARE, recover_model
+    from flexigpt.pipeline import CHAT_LOSS, CHAT_SHARE, recover_model
     from flexigpt.recover import RecoverSpec
     from flexigpt.recovery_data import recovery_windows
 
@@ -189,7 +189,7 @@ def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_
     prompts = min(CHAT_PROMPTS_MAX, 64 * max(1, math.ceil(chat_windows * seq_len / (40 * 64))))
     windows = recovery_windows(REGISTRY.get(b.plan.base_model).model, b.tokenizer, ref, text=data_ref,
                                seq_len=seq_len, max_windows=needed, max_len=context, prompts=prompts,
-                               fraction=CHAT_SHARE)
+                               fraction=CHAT_SHARE, replies_only=CHAT_LOSS == "replies")
     note += f" Recipe: {objective} objective on {windows.data}."
     w.stop.clear()
     offset = b.steps[-1] if b.steps else 0

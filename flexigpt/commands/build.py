@@ -41,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-share", type=float, default=None,
                    help="share of chat windows in --train-data mixed, between 0 and 1 (default: "
                         "flexigpt.pipeline.CHAT_SHARE, the measured best)")
+    p.add_argument("--chat-loss", choices=("replies", "all"), default=None,
+                   help="which tokens of the chat windows recovery learns: 'replies' (only the original's replies; "
+                        "the chat template and the prompts are read, not learned) or 'all' (default: "
+                        "flexigpt.pipeline.CHAT_LOSS, the measured best)")
     p.add_argument("--train-windows", type=int, default=None, help="use at most this many training windows")
     p.add_argument("--merged", action="store_true", help="also write a plain Hugging Face checkpoint (OUT-merged)")
     p.add_argument("--data", default="default", help="text for the held-out perplexity")
@@ -92,7 +96,7 @@ def run(args: argparse.Namespace) -> dict | None:
     options = RunOptions(out=args.out, data=args.data, train_data=train_data, train_windows=args.train_windows,
                          eval_windows=args.eval_windows, seq_len=args.seq_len, merged=args.merged,
                          overwrite=args.overwrite, resume=args.resume, kept_lora_rank=args.kept_lora_rank,
-                         fit_steps=args.fit_steps, chat_share=args.chat_share)
+                         fit_steps=args.fit_steps, chat_share=args.chat_share, chat_loss=args.chat_loss)
     accelerator = None
     if spec is not None and _distributed():
         # accelerate is heavy and needed only under `accelerate launch`
