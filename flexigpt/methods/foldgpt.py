@@ -124,9 +124,9 @@ class FoldGPT(Method):
 def _averaged(first, members, linears) -> Any:
     """A copy of block ``first`` whose linear matrices (and biases) are new, frozen Parameters: the
     element-wise mean of ``members``' (the base blocks of one group)."""
+    # torch-heavy: imported at build time, so `import flexigpt.plan` stays light
     import torch
     import torch.nn as nn
-
     from flexigpt.arch import get_submodule
     from flexigpt.slots import structural_copy
 
