@@ -29,10 +29,6 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _first(windows: Windows, n: int | None) -> Windows:
-    return windows.head(n)
-
-
 def recovery_windows(base: nn.Module, tokenizer: Any, ref: str, *, text: str = "default", seq_len: int = 256,
                      max_windows: int | None = None, max_len: int | None = None, fraction: float = 0.5,
                      prompts: int | None = None, replies_only: bool = False) -> Windows:
@@ -66,6 +62,6 @@ def recovery_windows(base: nn.Module, tokenizer: Any, ref: str, *, text: str = "
         pset = PromptSet(name=f"{pset.name}, first {prompts}", items=pset.items[:prompts])
     chat = chat_data(base, tokenizer, prompts=pset).windows(seq_len=seq_len, replies_only=replies_only)
     if ref == CHAT:
-        return _first(chat, max_windows)
+        return chat.head(max_windows)
     plain = token_windows(tokenizer, text, seq_len=seq_len, split="train", max_len=max_len)
-    return _first(mix_windows(plain, chat, fraction), max_windows)
+    return mix_windows(plain, chat, fraction).head(max_windows)

@@ -206,13 +206,10 @@ def on_edit(plan, block, action: str, donor, request: gr.Request = None):
         plan = plan.with_notes(**{HAND_DONORS: ",".join(map(str, sorted(_hand_donors(plan) | {b})))})
         return (plan if b in plan.pruned_blocks else plan.drop(b)).with_donor(b, None)
     d = None if donor in (None, "", AUTO) else limits.check_int("donor", donor, 0, plan.num_blocks - 1)
-    if d is None and plan.method_spec.chooses_donors:
-        from flexigpt.plan import suggested_donor, suggests_no_donor
+    if d is None and plan.method_spec.chooses_donors:  # "auto": the analysis' own choice, not marked as a hand edit
+        from flexigpt.plan import drop_with_suggestion
 
-        analysis = work(session_key(request)).analysis
-        if suggests_no_donor(analysis, plan, b):  # "auto": the analysis' own choice, not marked as a hand edit
-            return (plan if b in plan.pruned_blocks else plan.drop(b)).with_donor(b, None)
-        d = suggested_donor(analysis, plan, b)
+        return drop_with_suggestion(plan, work(session_key(request)).analysis, b)
     if not plan.method_spec.chooses_donors:
         return plan.drop(b)
     if donor not in (None, "", AUTO):  # remembered, so a later analysis does not replace it

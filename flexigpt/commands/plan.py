@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> dict:
     from flexigpt.atomic import write_text
     from flexigpt.methods import get_method
     from flexigpt.params import estimate_params
-    from flexigpt.plan import Plan, extend_plan, foldgpt_plan, plan_from_analysis, suggested_donor, suggests_no_donor
+    from flexigpt.plan import Plan, drop_with_suggestion, extend_plan, foldgpt_plan, plan_from_analysis
 
     drops, keeps, ext = _ids(args.drop, "--drop"), _ids(args.keep, "--keep"), _ids(args.extend_blocks, "--extend-blocks")
     donors = {}
@@ -197,10 +197,7 @@ def run(args: argparse.Namespace) -> dict:
     for b in drops:
         if b not in donors and analysis is not None and plan.method_spec.chooses_donors:
             # no --donor for it: the analysis' choice, as for the proposed slots (and the app's "auto")
-            if not args.keep_donors and suggests_no_donor(analysis, plan, b):
-                plan = (plan if b in plan.pruned_blocks else plan.drop(b)).with_donor(b, None)
-            elif b not in plan.pruned_blocks:
-                plan = plan.drop(b, suggested_donor(analysis, plan, b))
+            plan = drop_with_suggestion(plan, analysis, b, no_donor=not args.keep_donors)
             continue
         plan = plan.drop(b, donors.get(b))
         if b in donors and donors[b] is None:

@@ -88,12 +88,13 @@ class FoldGPT(Method):
 
         block, source = plan.layer_map[slot], plan.sources[slot]
         shared = ctx.copies[block]
-        members = [b for b, d in zip(plan.sources, plan.layer_map) if d == block]
-        if plan.note("representative", "first") == "average" and len(members) > 1:
-            shared = ctx.scratch.get(("foldgpt average", block))
-            if shared is None:
-                shared = _averaged(ctx.copies[block], [ctx.base_blocks[b] for b in members], ctx.spec.linears)
-                ctx.scratch[("foldgpt average", block)] = shared
+        if plan.note("representative", "first") == "average":  # built once per group, at its first slot
+            key = ("foldgpt average", block)
+            if key not in ctx.scratch:
+                members = [b for b, d in zip(plan.sources, plan.layer_map) if d == block]
+                ctx.scratch[key] = shared if len(members) == 1 else \
+                    _averaged(shared, [ctx.base_blocks[b] for b in members], ctx.spec.linears)
+            shared = ctx.scratch[key]
         # the group's first member runs the shared block, the others a further copy (the same
         # Parameters); every member gets its own pre-norms, copied from the block it stands for (trainable)
         module = shared if source == block else structural_copy(shared)

@@ -4,6 +4,8 @@
 * ``choose_donors``: the row minima of a share-error matrix over the kept blocks (ties: nearest,
   then lower id; rows without a finite value fall back to ``nearest_kept``);
 * ``suggested_donor``: what an ``analysis.json`` suggests for one block pruned by hand;
+* ``drop_with_suggestion``: prune one block by hand and give its slot the analysis' choice (the
+  CLI's ``--drop`` without ``--donor`` and the app's "auto" donor);
 * ``prefer_no_donor``: no donor where a rank-r fit of the block alone reproduces it better on real
   inputs than its best donor plus that fit (the analysis' ``function`` metric measures both).
 
@@ -20,7 +22,7 @@ from typing import Any
 from flexigpt.methods.base import nearest_kept
 
 __all__ = ["DONOR_METRICS", "choose_donors", "donor_matrix", "nearest_kept", "no_donor_errors", "prefer_no_donor",
-           "suggested_donor", "suggests_no_donor"]
+           "drop_with_suggestion", "suggested_donor", "suggests_no_donor"]
 
 DONOR_METRICS = ("relative", "absolute", "paper", "function")
 
@@ -130,6 +132,18 @@ def suggests_no_donor(analysis: Mapping[str, Any] | None, plan, block: int) -> b
     if matrix is None or alone is None or donor is None or len(alone) != plan.num_blocks:
         return False
     return prefer_no_donor({block: donor}, matrix, alone)[block] is None
+
+
+def drop_with_suggestion(plan, analysis: Mapping[str, Any] | None, block: int, *, no_donor: bool = True):
+    """``plan`` with ``block`` pruned (or still pruned) and its slot given the analysis' choice: no
+    donor where ``suggests_no_donor`` (unless ``no_donor`` is False), else ``suggested_donor``; with
+    no suggestion, a newly pruned block gets the plan's own default and a pruned one is re-dropped."""
+    if no_donor and suggests_no_donor(analysis, plan, block):
+        return (plan if block in plan.pruned_blocks else plan.drop(block)).with_donor(block, None)
+    donor = suggested_donor(analysis, plan, block)
+    if block in plan.pruned_blocks and donor is not None:
+        return plan.with_donor(block, donor)
+    return plan.drop(block, donor)
 
 
 def _check_matrix(matrix: Sequence[Sequence[Any]], L: int) -> None:
