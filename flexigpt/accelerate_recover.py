@@ -17,6 +17,10 @@ Usage::
     accelerate launch --num_processes 4 -m flexigpt.accelerate_recover \\
         --model default --plan plan.json --objective distill --out runs/r2
 
+Recovery data and objective default to the recipe ``build`` uses (``flexigpt.pipeline.default_recovery``:
+next-token loss on ``mixed`` chat + text data for a model with a chat template, on ``--data`` otherwise);
+``--train-data``, ``--chat-share``, ``--chat-loss`` and ``--objective`` choose another, as in ``build``.
+
 Outputs in ``--out``: ``trainable.safetensors`` (load with ``flexigpt.recover.load_trainable``
 into a model built the same way), ``recover-log.jsonl`` (one ``StepLog`` per line),
 ``recover.json`` (settings, final loss, one digest of the trainable tensors per process), the
@@ -112,7 +116,17 @@ def _ints(text: str | None) -> list[int] | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="accelerate launch -m flexigpt.accelerate_recover", description=__doc__.split("\n")[0])
     p.add_argument("--model", "--model-dir", dest="model", default="default", help="'default', a folder or a hub id")
-    p.add_argument("--data", default="default", help="recovery text (train split): 'default', a file, hf:NAME:SPLIT")
+    p.add_argument("--data", default="default", help="text (train split): 'default', a file, hf:NAME:SPLIT; the "
+                   "recovery data itself unless --train-data says otherwise")
+    p.add_argument("--train-data", default=None,
+                   help="recovery data: a text, 'chat' (the original model's own greedy replies to template prompts, "
+                        "generated once and cached) or 'mixed' (--chat-share of the windows chat, the rest --data); "
+                        "default: as `build`, the measured best for the model (flexigpt.pipeline.default_recovery): "
+                        "mixed with a chat template, else --data")
+    p.add_argument("--chat-share", type=float, default=None,
+                   help="share of chat windows in mixed data, between 0 and 1 (default: flexigpt.pipeline.CHAT_SHARE)")
+    p.add_argument("--chat-loss", choices=("replies", "all"), default=None,
+                   help="which tokens of the chat windows recovery learns (default: flexigpt.pipeline.CHAT_LOSS)")
     p.add_argument("--out", required=True, help="output folder (written by the main process)")
     p.add_argument("--plan", default=None, help="a plan.json: build it with apply_plan and train what it marks")
     p.add_argument("--kept-lora", type=int, default=None, help="with --plan: also LoRA of this rank on kept blocks")
@@ -126,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the frozen weights (trainable tensors are always fp32); bfloat16 halves GPU memory")
     p.add_argument("-v", "--verbose", action="store_true")
-    add_arguments(p)
+    add_arguments(p, defaults={"objective": None},
+                  help_overrides={"objective": "lm, distill or mix (default: as `build`, the measured best recipe for "
+                                               "the model, flexigpt.pipeline.default_recovery)"})
     return p
 
 
@@ -143,28 +159,41 @@ def run(args: argparse.Namespace) -> dict | None:
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
-    # imported on first use: keeps importing this module light
-    from flexigpt.data import token_windows
+    # imported on first use: keeps importing this module light; the recipe is the one `build` uses
     from flexigpt.models import load_model
+    from flexigpt.pipeline import CHAT_LOSS, CHAT_SHARE, build, default_recovery, needs_calibration, recipe
+    from flexigpt.plan import Plan
+    from flexigpt.recovery_data import RECOVERY_SOURCES, has_chat_template, recovery_windows
 
     acc = Accelerator(mixed_precision=_precision(args.mixed_precision))
-    spec = from_args(args)
+    from_args(args, objective=args.objective or "lm")  # every recovery flag is checked before the model loads
+    share = CHAT_SHARE if args.chat_share is None else args.chat_share
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"--chat-share must be between 0 and 1 (exclusive), got {share}")
+    chat_loss = args.chat_loss or CHAT_LOSS
     if args.dtype != "float32" and acc.mixed_precision == "no":
         raise ValueError(f"--dtype {args.dtype} needs mixed precision (autocast); use --mixed-precision bf16 or fp16")
     loaded = load_model(args.model, dtype=args.dtype)
     base, tok = loaded.model, loaded.tokenizer
+    objective, data = default_recovery(has_chat_template(tok))
+    spec = from_args(args, objective=args.objective or objective)
+    train_ref = args.train_data or data or args.data
+    context = getattr(base.config, "max_position_embeddings", None)
+    # before any adapter touches the base: chat data are the original model's own replies. The main
+    # process generates (and caches) them first, the others then read the cache.
+    with acc.main_process_first():
+        windows = recovery_windows(base, tok, train_ref, text=args.data, seq_len=spec.seq_len,
+                                   max_windows=args.max_windows, max_len=context, fraction=share,
+                                   replies_only=chat_loss == "replies")
     plan = None
     if args.plan:
-        # the pipeline pulls in the whole build stack: only with --plan
-        from flexigpt.pipeline import build, needs_calibration, recipe
-        from flexigpt.plan import Plan
-
         plan = recipe(Plan.from_json(Path(args.plan).read_text(encoding="utf-8")), base, recovering=True,
                       kept_lora_rank=args.kept_lora)
         calibration = None
         if needs_calibration(plan):
-            calibration = token_windows(tok, args.data, seq_len=spec.seq_len, split="train", max_windows=32,
-                                        max_len=getattr(base.config, "max_position_embeddings", None))
+            with acc.main_process_first():
+                calibration = recovery_windows(base, tok, train_ref, text=args.data, seq_len=spec.seq_len,
+                                               max_windows=32, max_len=context, fraction=share)
         model, teacher = build(base, plan, calibration=calibration), base  # the base stays intact and frozen
     else:
         teacher = copy.deepcopy(base) if spec.objective != "lm" else None
@@ -172,9 +201,6 @@ def run(args: argparse.Namespace) -> dict | None:
                             _ints(args.lora_blocks), seed=spec.seed)
     if teacher is not None:
         teacher.requires_grad_(False)
-    context = getattr(model.config, "max_position_embeddings", None)
-    windows = token_windows(tok, args.data, seq_len=spec.seq_len, split="train", max_windows=args.max_windows,
-                            max_len=context)
     out = Path(args.out)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -201,6 +227,8 @@ def run(args: argparse.Namespace) -> dict | None:
             save_compact(model, plan, tok, out / "model", overwrite=True)
         result = {
             "model": args.model, "data": args.data, "windows": windows.num_windows, "spec": spec.to_dict(),
+            "train_data": train_ref, **({"chat_share": share} if train_ref == "mixed" else {}),
+            **({"chat_loss": chat_loss} if train_ref in RECOVERY_SOURCES else {}),
             "plan": args.plan, "lora": None if plan is not None else
             {"rank": args.lora_rank, "targets": args.lora_targets, "blocks": _ints(args.lora_blocks)},
             "world_size": acc.num_processes, "backend": acc.state.backend, "mixed_precision": acc.mixed_precision,

@@ -35,7 +35,8 @@ def test_two_process_recovery_matches_one_process(tiny_model, tiny_tokenizer, ti
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flexigpt.accelerate_recover",
-           "--model", str(folder), "--data", str(tiny_text_file), "--out", str(out), "--steps", "4",
+           "--model", str(folder), "--data", str(tiny_text_file), "--train-data", str(tiny_text_file),
+           "--out", str(out), "--steps", "4",
            "--seq-len", "16", "--batch-size", "2", "--lr", "0.01", "--warmup", "0", "--lora-rank", "4",
            "--lora-targets", "q_proj,v_proj", "--lora-blocks", "2,3", "--checkpoint-every", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
@@ -97,3 +98,37 @@ def test_cluster_recipe_build_under_accelerate_launch(tiny_model, tiny_tokenizer
     single = load_model(str(tmp_path / "one"))
     ids = torch.randint(4, 128, (1, 12))
     torch.testing.assert_close(reloaded.model(ids).logits, single.model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_accelerate_entry_follows_the_build_recipe(tiny_model, tiny_tokenizer, tiny_text_file, tmp_path):
+    """Without --train-data, a chat model recovers on `build`'s default data (mixed chat + text);
+    the chat flags are read as in `build`, and a bad share is refused before anything is written."""
+    from flexigpt.pipeline import CHAT_LOSS, CHAT_SHARE
+
+    folder = tmp_path / "model"
+    tiny_model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", FLEXIGPT_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def entry(out: Path, *flags: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "flexigpt.accelerate_recover", "--model", str(folder), "--data",
+               str(tiny_text_file), "--out", str(out), "--steps", "2", "--seq-len", "16", "--batch-size", "2",
+               "--warmup", "0", "--lora-rank", "2", "--checkpoint-every", "0", *flags]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+
+    proc = entry(tmp_path / "a")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "a" / "recover.json").read_text())
+    assert (summary["train_data"], summary["chat_share"], summary["chat_loss"]) == ("mixed", CHAT_SHARE, CHAT_LOSS)
+    assert summary["spec"]["objective"] == "lm"
+
+    proc = entry(tmp_path / "b", "--train-data", "chat", "--chat-loss", "replies")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "b" / "recover.json").read_text())
+    assert (summary["train_data"], summary["chat_loss"]) == ("chat", "replies") and "chat_share" not in summary
+
+    proc = entry(tmp_path / "c", "--chat-share", "1.5")
+    assert proc.returncode == 2 and "--chat-share" in proc.stderr and "1.5" in proc.stderr
+    assert not (tmp_path / "c").exists()
