@@ -20,6 +20,7 @@ perplexity within 10 % of `lm:default` (when that recipe is in the run).
 
     python bench/chat.py --recipes lm:default,distill:default,distill:chat,mix:chat,distill:mixed --steps 100 --json
     python bench/chat.py --recipes lm:default,distill:chat --steps 3 --eval-windows 4   # smoke run
+    python bench/chat.py --select iterative --recipes lm:mixed --steps 100 --json   # SLEB's blocks instead of BI's
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from flexigpt.models import load_model  # noqa: E402
 from flexigpt.params import measure_params  # noqa: E402
 from flexigpt.pipeline import CHAT_LOSS, CHAT_LOSSES, CHAT_SHARE, build, needs_calibration, recover_model  # noqa: E402
 from flexigpt.plan import AdapterSpec, plan_from_analysis  # noqa: E402
+from flexigpt.selection import iterative_selection  # noqa: E402
 from flexigpt.recover import RecoverSpec  # noqa: E402
 
 OBJECTIVES = ("lm", "distill", "mix")
@@ -78,6 +80,9 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--rank", type=int, default=8, help="FlexiGPT adapter rank")
+    ap.add_argument("--select", default="bi", choices=("bi", "iterative"),
+                    help="which blocks to prune: lowest Block Influence (as `plan`) or iterative selection (SLEB, "
+                         "as `plan --select iterative`, 8 x 128 calibration tokens)")
     ap.add_argument("--recipes", default=None, help="comma-separated OBJECTIVE:DATA recipes, e.g. lm:default,distill:chat")
     ap.add_argument("--objective", default="lm", choices=OBJECTIVES, help="the one recipe's objective without --recipes")
     ap.add_argument("--data", default="default", choices=DATA, help="the one recipe's data without --recipes")
@@ -110,7 +115,14 @@ def main() -> None:
     fid = {"prompts": pset, "max_new_tokens": args.fidelity_max_new_tokens}
     analysis = analyze(base, tok, model_ref=args.model, data="default", samples=args.calib_windows,
                        seq_len=min(args.seq_len, 256), ranks=(args.rank,), ratio=args.ratio).to_dict()
-    plan = plan_from_analysis(analysis, args.ratio, method="flexigpt", adapter=AdapterSpec(rank=args.rank))
+    scores = selection = None
+    if args.select == "iterative":
+        L = base.config.num_hidden_layers
+        sel = iterative_selection(base, token_windows(tok, "default", seq_len=128, split="train", max_windows=8),
+                                  int(round(args.ratio * L)))
+        scores, selection = sel.scores(L), "iterative"
+    plan = plan_from_analysis(analysis, args.ratio, method="flexigpt", adapter=AdapterSpec(rank=args.rank),
+                              scores=scores, selection=selection)
     held = token_windows(tok, "default", seq_len=args.seq_len, split="heldout", max_windows=args.eval_windows)
     calib = token_windows(tok, "default", seq_len=min(args.seq_len, 256), split="train", max_windows=args.calib_windows)
     print(f"plan: flexigpt r{args.rank} at ratio {args.ratio}: pruned {list(plan.pruned_blocks)}, donors {plan.donors}")
