@@ -46,8 +46,8 @@ from flexigpt.models import load_model  # noqa: E402
 from flexigpt.params import measure_params  # noqa: E402
 from flexigpt.pipeline import CHAT_LOSS, CHAT_LOSSES, CHAT_SHARE, build, needs_calibration, recover_model  # noqa: E402
 from flexigpt.plan import AdapterSpec, plan_from_analysis  # noqa: E402
-from flexigpt.selection import iterative_selection  # noqa: E402
 from flexigpt.recover import RecoverSpec  # noqa: E402
+from flexigpt.selection import iterative_selection  # noqa: E402
 
 OBJECTIVES = ("lm", "distill", "mix")
 DATA = ("default", "chat", "mixed")
