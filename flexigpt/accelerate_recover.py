@@ -65,7 +65,7 @@ import torch.nn as nn
 from flexigpt.adapters import inject_lora, lora_factor_modules, matrix_ranks, valid_targets
 from flexigpt.arch import arch_of, get_blocks
 from flexigpt.recover import recover, save_trainable, trainable_state
-from flexigpt.recover_spec import add_arguments, from_args
+from flexigpt.recover_spec import add_arguments, add_data_arguments, from_args
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "--model-dir", dest="model", default="default", help="'default', a folder or a hub id")
     p.add_argument("--data", default="default", help="text (train split): 'default', a file, hf:NAME:SPLIT; the "
                    "recovery data itself unless --train-data says otherwise")
-    p.add_argument("--train-data", default=None,
-                   help="recovery data: a text, 'chat' (the original model's own greedy replies to template prompts, "
-                        "generated once and cached) or 'mixed' (--chat-share of the windows chat, the rest --data); "
-                        "default: as `build`, the measured best for the model (flexigpt.pipeline.default_recovery): "
-                        "mixed with a chat template, else --data")
-    p.add_argument("--chat-share", type=float, default=None,
-                   help="share of chat windows in mixed data, between 0 and 1 (default: flexigpt.pipeline.CHAT_SHARE)")
-    p.add_argument("--chat-loss", choices=("replies", "all"), default=None,
-                   help="which tokens of the chat windows recovery learns (default: flexigpt.pipeline.CHAT_LOSS)")
+    add_data_arguments(p)
     p.add_argument("--out", required=True, help="output folder (written by the main process)")
     p.add_argument("--plan", default=None, help="a plan.json: build it with apply_plan and train what it marks")
     p.add_argument("--kept-lora", type=int, default=None, help="with --plan: also LoRA of this rank on kept blocks")

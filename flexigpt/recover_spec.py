@@ -151,6 +151,24 @@ def add_arguments(parser: argparse.ArgumentParser, *, defaults: dict[str, Any] |
         parser.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the recovery-data flags that ``build`` and the accelerate entry share: ``--train-data``,
+    ``--chat-share`` and ``--chat-loss`` (``None`` by default: the caller applies
+    ``flexigpt.pipeline``'s measured defaults)."""
+    parser.add_argument("--train-data", default=None,
+                        help="recovery data: a text (train split), 'chat' (the original model's own greedy replies "
+                             "to template prompts, through its chat template, generated once and cached) or 'mixed' "
+                             "(--chat-share of the windows chat, the rest --data); default: the measured best for "
+                             "the model (flexigpt.pipeline.default_recovery): mixed with a chat template, else --data")
+    parser.add_argument("--chat-share", type=float, default=None,
+                        help="share of chat windows in --train-data mixed, between 0 and 1 (default: "
+                             "flexigpt.pipeline.CHAT_SHARE, the measured best)")
+    parser.add_argument("--chat-loss", choices=("replies", "all"), default=None,
+                        help="which tokens of the chat windows recovery learns: 'replies' (only the original's "
+                             "replies; the chat template and the prompts are read, not learned) or 'all' (default: "
+                             "flexigpt.pipeline.CHAT_LOSS, the measured best)")
+
+
 def from_args(args: argparse.Namespace, **changes: Any) -> RecoverSpec:
     """The ``RecoverSpec`` of the flags ``add_arguments`` added (fields not on ``args`` keep
     their defaults); ``changes`` override. ``--clip 0`` means no clipping."""

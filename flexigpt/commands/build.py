@@ -16,7 +16,7 @@ HELP = ("build a plan (any registered method: FlexiGPT, drop, extend, FoldGPT, .
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # the spec module is light (no torch): flags come from the RecoverSpec fields
-    from flexigpt.recover_spec import add_arguments as add_recover_arguments
+    from flexigpt.recover_spec import add_arguments as add_recover_arguments, add_data_arguments
 
     p.add_argument("--plan", required=True, help="plan.json written by `plan` (or downloaded from the app)")
     p.add_argument("--out", required=True, help="export folder (compact; the merged export goes to OUT-merged)")
@@ -33,18 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="block-local fitting: train each replacement slot alone for N steps to reproduce its pruned "
                         "block's output on calibration text, before recovery (0 = none)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT-checkpoint")
-    p.add_argument("--train-data", default=None,
-                   help="recovery data: a text (train split), 'chat' (the original model's own greedy replies to "
-                        "template prompts, through its chat template, generated once and cached) or 'mixed' "
-                        "(--chat-share of the windows chat, the rest --data); default: the measured best for the "
-                        "model (flexigpt.pipeline.default_recovery): mixed with a chat template, else --data")
-    p.add_argument("--chat-share", type=float, default=None,
-                   help="share of chat windows in --train-data mixed, between 0 and 1 (default: "
-                        "flexigpt.pipeline.CHAT_SHARE, the measured best)")
-    p.add_argument("--chat-loss", choices=("replies", "all"), default=None,
-                   help="which tokens of the chat windows recovery learns: 'replies' (only the original's replies; "
-                        "the chat template and the prompts are read, not learned) or 'all' (default: "
-                        "flexigpt.pipeline.CHAT_LOSS, the measured best)")
+    add_data_arguments(p)
     p.add_argument("--train-windows", type=int, default=None, help="use at most this many training windows")
     p.add_argument("--merged", action="store_true", help="also write a plain Hugging Face checkpoint (OUT-merged)")
     p.add_argument("--data", default="default", help="text for the held-out perplexity")
