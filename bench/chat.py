@@ -25,6 +25,7 @@ perplexity within 10 % of `lm:default` (when that recipe is in the run).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -47,6 +48,7 @@ from flexigpt.params import measure_params  # noqa: E402
 from flexigpt.pipeline import CHAT_LOSS, CHAT_LOSSES, CHAT_SHARE, build, needs_calibration, recover_model  # noqa: E402
 from flexigpt.plan import AdapterSpec, plan_from_analysis  # noqa: E402
 from flexigpt.recover import RecoverSpec  # noqa: E402
+from flexigpt.recovery_data import recovery_windows  # noqa: E402
 from flexigpt.selection import iterative_selection  # noqa: E402
 
 OBJECTIVES = ("lm", "distill", "mix")
@@ -80,6 +82,10 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--rank", type=int, default=8, help="FlexiGPT adapter rank")
+    ap.add_argument("--init", default=AdapterSpec().init, choices=("svd", "zeros", "whitened"),
+                    help="slot init (default: the plan's)")
+    ap.add_argument("--fit-steps", type=int, default=0,
+                    help="block-local fitting steps per slot before recovery (as `build --fit-steps`)")
     ap.add_argument("--select", default="bi", choices=("bi", "iterative"),
                     help="which blocks to prune: lowest Block Influence (as `plan`) or iterative selection (SLEB, "
                          "as `plan --select iterative`, 8 x 128 calibration tokens)")
@@ -121,10 +127,10 @@ def main() -> None:
         sel = iterative_selection(base, token_windows(tok, "default", seq_len=128, split="train", max_windows=8),
                                   int(round(args.ratio * L)))
         scores, selection = sel.scores(L), "iterative"
-    plan = plan_from_analysis(analysis, args.ratio, method="flexigpt", adapter=AdapterSpec(rank=args.rank),
+    plan = plan_from_analysis(analysis, args.ratio, method="flexigpt", adapter=AdapterSpec(rank=args.rank,
+                                                                                            init=args.init),
                               scores=scores, selection=selection)
     held = token_windows(tok, "default", seq_len=args.seq_len, split="heldout", max_windows=args.eval_windows)
-    calib = token_windows(tok, "default", seq_len=min(args.seq_len, 256), split="train", max_windows=args.calib_windows)
     print(f"plan: flexigpt r{args.rank} at ratio {args.ratio}: pruned {list(plan.pruned_blocks)}, donors {plan.donors}")
 
     t0 = time.perf_counter()
@@ -153,11 +159,22 @@ def main() -> None:
             data_info.setdefault(name, {})["windows"] = windows[name].num_windows
         return windows[name]
 
-    def built():
-        calibration = calib if needs_calibration(plan) else None
-        return build(base, plan, calibration=calibration)
+    calibs: dict[str, object] = {}
 
-    model = built()
+    def built(source: str):
+        """The build as `build` makes it: whitened init and local fitting calibrate on the recovery data."""
+        if not needs_calibration(plan, args.fit_steps):
+            return build(base, plan)
+        if source not in calibs:  # fitted once per calibration data; each recipe recovers a copy
+            windows = recovery_windows(base, tok, source, seq_len=min(args.seq_len, 256),
+                                       max_windows=args.calib_windows, fraction=args.mix_fraction)
+            fit: dict = {}
+            calibs[source] = build(base, plan, calibration=windows, fit_steps=args.fit_steps, report=fit)
+            print(f"built on {source} calibration: fit {fit.get('fit_seconds', 0.0):.0f} s, "
+                  f"R2 {fit.get('r2') or fit.get('scale_r2')}", flush=True)
+        return copy.deepcopy(calibs[source])
+
+    model = built(recipes[0][1])
     report = chat_fidelity(model, tok, reference=original, **fid)
     rows.append(_row(f"flexigpt r{args.rank} (no recovery)", report, evaluate.perplexity(model, held).ppl, original,
                      steps=0, recovery_seconds=0.0, trainable_params=measure_params(model).trainable))
@@ -169,7 +186,7 @@ def main() -> None:
         name = f"flexigpt r{args.rank} {objective}:{source}"
         spec = dataclasses.replace(base_spec, objective=objective)
         train = data(source)
-        model = built()
+        model = built(source)
         t, c, last = time.perf_counter(), time.process_time(), None
         for last in recover_model(model, base, train, spec):
             pass
@@ -202,6 +219,8 @@ def main() -> None:
     print()
     print(f"chat-fidelity protocol: {json.dumps({k: v for k, v in original.protocol.items() if k != 'loop_rule'})}")
     print(f"held-out protocol: {json.dumps(held.protocol())}")
+    print(f"slots: init {args.init}, {args.fit_steps} local-fit steps per slot, calibration {args.calib_windows} windows "
+          "of each recipe's data")
     print(f"recovery: {args.steps} steps x batch {args.batch_size} x {args.seq_len} tokens, lr {args.lr}; "
           f"mixed = {args.mix_fraction:g} chat; chat loss on {args.chat_loss}")
     print(f"{'method':<{w}}{'score':>7}{'agree':>7}{'degen':>7}{'lost':>6}{'ppl':>9}{'ppl/lm':>8}{'s/step':>8}{'meets':>7}")
@@ -215,7 +234,7 @@ def main() -> None:
     if args.json:
         print(json.dumps({"rows": rows, "fidelity_protocol": original.protocol, "heldout_protocol": held.protocol(),
                           "data": data_info, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                          "lr": args.lr, "mix_fraction": args.mix_fraction, "chat_loss": args.chat_loss, "pruned": list(plan.pruned_blocks),
+                          "lr": args.lr, "init": args.init, "fit_steps": args.fit_steps, "mix_fraction": args.mix_fraction, "chat_loss": args.chat_loss, "pruned": list(plan.pruned_blocks),
                           "targets": {"score_share": SCORE_SHARE, "ppl_slack": PPL_SLACK}}))
 
 

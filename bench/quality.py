@@ -14,6 +14,8 @@ the same recovery data, steps and tokens for every trained row:
                              metric finds the block's own rank-r fit better than any donor)
 - flexigpt r8 (whitened)     whitened init with closed-form output scales
 - flexigpt r8 (+ fit N)      whitened init plus block-local fitting of each slot before recovery
+                             (each slot reads what reaches it in the built model; --fit-inputs
+                             original: what enters its pruned block in the original model)
 - flexigpt r8 shared donors  every slot shares its best donor (`plan --keep-donors`): does sharing
                              a donor help at all?
 - flexigpt r32 (defaults)    the same at rank 32
@@ -58,6 +60,7 @@ from flexigpt.params import estimate_params, matched_lora_rank, measure_params  
 from flexigpt.pipeline import build, needs_calibration, recover_model  # noqa: E402
 from flexigpt.plan import AdapterSpec, Plan, plan_from_analysis  # noqa: E402
 from flexigpt.recover import RecoverSpec  # noqa: E402
+from flexigpt.slot_fit import FIT_INPUTS, fit_slots  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -75,8 +78,8 @@ def _lora_rank_for_budget(plan: Plan, base, budget: int) -> int:
 
 
 def _rows(args, analysis, base) -> tuple[list[Row], Plan]:
-    defaults = AdapterSpec()
-    flexi = {r: plan_from_analysis(analysis, args.ratio, method="flexigpt", adapter=AdapterSpec(rank=r))
+    defaults = AdapterSpec(out_norm=args.out_norm or AdapterSpec().out_norm)
+    flexi = {r: plan_from_analysis(analysis, args.ratio, method="flexigpt", adapter=dataclasses.replace(defaults, rank=r))
              for r in (8, 32)}
     first = flexi[8]
     drop = first.with_method("drop")
@@ -90,9 +93,11 @@ def _rows(args, analysis, base) -> tuple[list[Row], Plan]:
     rows.append(Row("flexigpt r8 (svd, one lr)", first.with_adapter(init="svd"), spec={"gate_lr_scale": 1.0}))
     rows.append(Row(f"flexigpt r8 (defaults: {defaults.init}, gate lr)", first))
     rows.append(Row("flexigpt r8 (whitened, gate lr)", first.with_adapter(init="whitened")))
-    rows.append(Row(f"flexigpt r8 (whitened + fit {args.fit_steps})", first.with_adapter(init="whitened"),
+    inputs = "" if args.fit_inputs == "built" else f", {args.fit_inputs} inputs"
+    rows.append(Row(f"flexigpt r8 (whitened + fit {args.fit_steps}{inputs})", first.with_adapter(init="whitened"),
                     fit_steps=args.fit_steps))
-    shared = plan_from_analysis(analysis, args.ratio, method="flexigpt", adapter=AdapterSpec(rank=8), keep_donors=True)
+    shared = plan_from_analysis(analysis, args.ratio, method="flexigpt", adapter=dataclasses.replace(defaults, rank=8),
+                                keep_donors=True)
     if shared != first:
         rows.append(Row(f"flexigpt r8 shared donors ({defaults.init}, gate lr)", shared))
     rows.append(Row(f"flexigpt r32 (defaults: {defaults.init})", flexi[32]))
@@ -126,6 +131,10 @@ def main() -> None:
     ap.add_argument("--gate-lr-scale", type=float, default=RecoverSpec().gate_lr_scale)
     ap.add_argument("--objective", default="lm", choices=("lm", "distill", "mix"))
     ap.add_argument("--fit-steps", type=int, default=200, help="block-local fitting steps per slot (the '+ fit' row)")
+    ap.add_argument("--out-norm", default=None, choices=("layernorm", "scale"),
+                    help="the FlexiGPT rows' output norms (default: the plan's)")
+    ap.add_argument("--fit-inputs", default="built", choices=FIT_INPUTS,
+                    help="what each slot reads while it is fitted in the '+ fit' row (flexigpt.slot_fit)")
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--group-size", type=int, default=2, help="FoldGPT: kept blocks per group")
@@ -181,7 +190,8 @@ def main() -> None:
             row.plan = fold.with_notes(representative="average") if "averaged" in row.name else fold
 
     print(f"pruned blocks (0-based, lowest BI): {list(first.pruned_blocks)}; donors: {first.donors} "
-          f"(metric {analysis.get('donor_suggestion', {}).get('metric')})")
+          f"(metric {analysis.get('donor_suggestion', {}).get('metric')}); FlexiGPT output norms: {first.adapter.out_norm}; "
+          f"local fit on {args.fit_inputs} inputs")
     print(f"recovery: {spec.steps} steps x batch {spec.batch_size} x {spec.seq_len} tokens = "
           f"{spec.steps * spec.batch_size * spec.seq_len} tokens per trained row; objective {spec.objective}, "
           f"lr {spec.lr}, gate lr x{spec.gate_lr_scale}")
@@ -189,7 +199,13 @@ def main() -> None:
     for row in rows:
         fit: dict = {}
         calibration = calib if needs_calibration(row.plan, row.fit_steps) else None
-        model = build(base, row.plan, calibration=calibration, fit_steps=row.fit_steps, report=fit)
+        own_fit = row.fit_steps and row.plan.method == "flexigpt" and args.fit_inputs != "built"
+        model = build(base, row.plan, calibration=calibration, fit_steps=0 if own_fit else row.fit_steps, report=fit)
+        if own_fit:  # the ablation: `build` fits on the built model's inputs
+            fitted = fit_slots(model, base, calib, steps=row.fit_steps, inputs=args.fit_inputs)
+            fit["fit_seconds"] = round(fit.get("fit_seconds", 0.0) + fitted.seconds, 2)
+            fit["r2"] = {str(f.slot): round(f.r2_after, 4) for f in fitted.slots}
+            model.eval()
         start_ppl = evaluate.perplexity(model, held).ppl
         seconds, final_loss = 0.0, None
         row_spec = dataclasses.replace(spec, **row.spec)
@@ -251,7 +267,8 @@ def main() -> None:
                 "kept_lora_rank", "fit_seconds", "seconds")
         print(json.dumps({"rows": [{k: r[k] for k in keep} for r in results], "summary": summary,
                           "protocol": held.protocol(), "steps": spec.steps, "recover": spec.to_dict(),
-                          "pruned": list(first.pruned_blocks), "donors": {str(k): v for k, v in first.donors.items()}}))
+                          "pruned": list(first.pruned_blocks), "out_norm": first.adapter.out_norm,
+                          "fit_inputs": args.fit_inputs, "donors": {str(k): v for k, v in first.donors.items()}}))
 
 
 if __name__ == "__main__":

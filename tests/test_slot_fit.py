@@ -151,6 +151,49 @@ def test_fit_slots_raises_r2_and_touches_nothing_shared(fixture, request):
     json.dumps(report.to_dict())
 
 
+def _built_io(model, base, ids, slot: int):
+    """What reaches ``slot`` in ``model`` now, paired with the pruned block's output in ``base``."""
+    got, want = collect_block_io(model, ids, [slot])[slot], collect_block_io(base, ids, [slot])[slot]
+    got.outputs = want.outputs
+    return got
+
+
+@pytest.mark.parametrize("inputs", ["built", "original"])
+def test_each_slot_is_fitted_on_the_inputs_it_was_asked_to_read(tiny_model, inputs):
+    """Slots are fitted in depth order and never touched again, so the hidden state reaching a
+    slot in the finished model is the one it was fitted on with ``inputs="built"``: its reported
+    R^2 is measured on exactly those inputs. With ``"original"`` it is measured on the base's."""
+    base = tiny_model
+    L = base.config.num_hidden_layers
+    lm = list(range(L))
+    lm[2], lm[3] = 1, 1  # two adjacent slots: the second reads what the first now writes
+    model = apply_plan(base, Plan("tiny", L, tuple(lm), "flexigpt", AdapterSpec(rank=4, init="svd")))
+    ids = _ids()
+    closed_form_scales_(model, base, ids)
+    report = fit_slots(model, base, ids, steps=8, lr=1e-3, gate_lr=1e-2, batch_tokens=48, inputs=inputs)
+    assert report.settings["inputs"] == inputs
+    for fit in report.slots:
+        slot = get_blocks(model)[fit.slot]
+        io = (_built_io(model, base, ids, fit.slot) if inputs == "built"
+              else collect_block_io(base, ids, [fit.slot])[fit.slot])
+        assert fit.r2_after == pytest.approx(block_r2(slot, io), rel=1e-5, abs=1e-6)
+    built_in, base_in = _built_io(model, base, ids, 3).inputs, collect_block_io(base, ids, [3])[3].inputs
+    assert not torch.allclose(built_in, base_in)  # the second slot's two kinds of inputs differ
+
+
+def test_fit_on_built_inputs_needs_the_cache_windows(tiny_model):
+    model = _build(tiny_model)
+    ids = _ids()
+    cache = collect_block_io(tiny_model, ids, list(SLOTS))
+    with pytest.raises(ValueError, match="pass the windows"):
+        fit_slots(model, tiny_model, ids[:3], cache=cache, steps=1)
+    with pytest.raises(ValueError, match="calibration windows"):
+        fit_slots(model, tiny_model, cache=cache, steps=1)
+    with pytest.raises(ValueError, match="'sideways'"):
+        fit_slots(model, tiny_model, ids, steps=1, inputs="sideways")
+    assert fit_slots(model, tiny_model, cache=cache, steps=1, inputs="original").settings["inputs"] == "original"
+
+
 def test_fit_slots_restores_a_slot_that_training_made_worse(tiny_model):
     model = _build(tiny_model)
     ids = _ids()

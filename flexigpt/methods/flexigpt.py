@@ -138,8 +138,9 @@ class FlexiGPT(AdapterSlots):
 
     def calibrate(self, model, base, plan, calibration, *, fit_steps: int = 0, progress=None) -> dict:
         """Whitened init and closed-form output scales (``adapter.init == "whitened"``), then
-        ``fit_steps`` of block-local fitting per slot: each slot trained alone to reproduce its
-        pruned block's output on cached activations of the original model."""
+        ``fit_steps`` of block-local fitting per slot: each slot trained alone, in depth order, to
+        reproduce its pruned block's output in the original model from what reaches it in the
+        built model (``flexigpt.slot_fit``)."""
         # the fitting modules hook the original model: loaded only for builds that fit
         from flexigpt.block_io import collect_block_io
         from flexigpt.slot_fit import fit_slots
@@ -163,7 +164,7 @@ class FlexiGPT(AdapterSlots):
                 if progress:
                     progress(0.5 + 0.5 * done / max(total, 1), f"fitting slot {slot} alone ({done}/{total} steps)")
 
-            fitted = fit_slots(model, base, cache=cache, steps=fit_steps, callback=step)
+            fitted = fit_slots(model, base, calibration, cache=cache, steps=fit_steps, callback=step)
             out["r2"] = {str(f.slot): round(f.r2_after, 4) for f in fitted.slots}
             out["r2_before"] = {str(f.slot): round(f.r2_before, 4) for f in fitted.slots}
             out["fit_steps"] = fit_steps
