@@ -8,11 +8,13 @@ the same recovery data, steps and tokens for every trained row:
                              text alone lowers perplexity ("domain adaptation only")
 - drop                       ShortGPT, no training
 - drop + LoRA (=rN)          LoRA on the kept blocks at the trainable-parameter count of FlexiGPT rN
-- flexigpt r8 (svd, one lr)  FlexiGPT as first shipped: SVD init, one learning rate for everything
-- flexigpt r8 (defaults)     what `plan` then `build --steps N` gives with no other flag (svd init,
+- flexigpt r8 (svd, one lr)  FlexiGPT as first shipped: SVD init, LayerNorm output norms, one
+                             learning rate for everything
+- flexigpt r8 (defaults)     what `plan` then `build --steps N` gives with no other flag (whitened
+                             init with closed-form output scales, per-feature scale output norms,
                              gate learning-rate multiplier, no donor where the analysis' function
                              metric finds the block's own rank-r fit better than any donor)
-- flexigpt r8 (whitened)     whitened init with closed-form output scales
+- flexigpt r8 (svd, layernorm, gate lr)  the previous defaults
 - flexigpt r8 (+ fit N)      whitened init plus block-local fitting of each slot before recovery
                              (each slot reads what reaches it in the built model; --fit-inputs
                              original: what enters its pruned block in the original model)
@@ -90,9 +92,11 @@ def _rows(args, analysis, base) -> tuple[list[Row], Plan]:
             Row("drop", drop, trained=False)]
     for r in (8, 32):
         rows.append(Row(f"drop + LoRA (=r{r})", drop.with_kept_lora(matched_lora_rank(flexi[r], base))))
-    rows.append(Row("flexigpt r8 (svd, one lr)", first.with_adapter(init="svd"), spec={"gate_lr_scale": 1.0}))
-    rows.append(Row(f"flexigpt r8 (defaults: {defaults.init}, gate lr)", first))
-    rows.append(Row("flexigpt r8 (whitened, gate lr)", first.with_adapter(init="whitened")))
+    rows.append(Row("flexigpt r8 (svd, one lr)", first.with_adapter(init="svd", out_norm="layernorm"),
+                    spec={"gate_lr_scale": 1.0}))
+    rows.append(Row(f"flexigpt r8 (defaults: {defaults.init}, {defaults.out_norm}, gate lr)", first))
+    rows.append(Row("flexigpt r8 (svd, layernorm, gate lr: the previous defaults)",
+                    first.with_adapter(init="svd", out_norm="layernorm")))
     inputs = "" if args.fit_inputs == "built" else f", {args.fit_inputs} inputs"
     rows.append(Row(f"flexigpt r8 (whitened + fit {args.fit_steps}{inputs})", first.with_adapter(init="whitened"),
                     fit_steps=args.fit_steps))

@@ -246,10 +246,12 @@ def test_story_on_the_tiny_model(tiny_folder, tiny_text_file, request_, monkeypa
 
     names = zipfile.ZipFile(archive).namelist()
     assert "plan.json" in names and "compact" in msg
-    with pytest.raises(gr.Error, match="out_norm|layernorm"):
-        export_tab.on_export("flexigpt 33% r4", "merged", request_)
-    scaled = plan_tab.on_out_norm(plan, "scale (mergeable into a plain checkpoint)")
-    assert scaled.adapter.out_norm == "scale"
+    assert plan.adapter.out_norm == "scale"  # the default output norms fold into a plain checkpoint
+    merged, _ = export_tab.on_export("flexigpt 33% r4", "merged", request_)
+    assert "config.json" in " ".join(zipfile.ZipFile(merged).namelist())
+    paper = plan_tab.on_out_norm(plan, "layernorm (paper)")
+    assert paper.adapter.out_norm == "layernorm"
+    assert plan_tab.on_out_norm(paper, "scale (default; mergeable into a plain checkpoint)").adapter.out_norm == "scale"
     plan_path = export_tab.on_plan_file("flexigpt 33% r4", request_)
     assert json.loads(open(plan_path).read())["layer_map"] == list(plan.layer_map)
 

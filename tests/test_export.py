@@ -86,7 +86,7 @@ def test_merged_round_trip_through_plain_transformers(tiny_model, tiny_opt_model
 
 
 def test_merged_layernorm_is_refused(tiny_model, tmp_path):
-    plan = Plan("t", 6, (0, 1, 1, 3, 3, 5))
+    plan = Plan("t", 6, (0, 1, 1, 3, 3, 5), adapter=AdapterSpec(out_norm="layernorm"))
     with pytest.raises(ValueError, match="layernorm.*compact|compact.*scale"):
         save_merged(apply_plan(tiny_model, plan), plan, None, tmp_path / "m")
     assert not (tmp_path / "m").exists()

@@ -77,7 +77,7 @@ def test_opt_flexigpt_shares_bias_and_generates(tiny_opt_model):
 
 
 def test_trainability_contract(tiny_model):
-    plan = Plan("tiny", 6, (0, 1, 1, 3, 3, 5))
+    plan = Plan("tiny", 6, (0, 1, 1, 3, 3, 5), adapter=AdapterSpec(out_norm="layernorm"))
     model = apply_plan(tiny_model, plan)
     names = [n for n, _ in trainable_parameters(model)]
     assert all(n.startswith(("model.layers.2.", "model.layers.4.")) for n in names)
@@ -88,6 +88,8 @@ def test_trainability_contract(tiny_model):
     assert any("input_layernorm" in n for n in names)
     frozen = apply_plan(tiny_model, plan.with_adapter(train_prenorms=False))
     assert not any("layernorm" in n for n, _ in trainable_parameters(frozen))
+    scaled = [n for n, _ in trainable_parameters(apply_plan(tiny_model, plan.with_adapter(out_norm="scale")))]
+    assert any(n.endswith("o_proj.scale") for n in scaled) and not any(n.endswith(".norm.bias") for n in scaled)
     assert trainable_parameters(apply_plan(tiny_model, plan.with_method("drop"))) == []
     ext = apply_plan(tiny_model, extend_plan("tiny", 6, [2]))
     assert {n.split(".")[2] for n, _ in trainable_parameters(ext)} == {"3"}

@@ -174,7 +174,7 @@ def on_rank(plan, rank):
     return plan.with_rank(limits.check_int("adapter rank", rank, 1, 4096))
 
 
-OUT_NORMS = {"layernorm (paper)": "layernorm", "scale (mergeable into a plain checkpoint)": "scale"}
+OUT_NORMS = {"scale (default; mergeable into a plain checkpoint)": "scale", "layernorm (paper)": "layernorm"}
 
 
 @user_errors

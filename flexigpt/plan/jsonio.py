@@ -89,6 +89,8 @@ class PlanJSON:
             raise ValueError(f"unknown adapter keys {unknown}; valid: {sorted(names)}")
         if "init" not in adapter and obj["format_version"] in (1, 2):
             adapter = {**adapter, "init": "svd"}  # the default when formats 1 and 2 were written
+        if "out_norm" not in adapter:
+            adapter = {**adapter, "out_norm": "layernorm"}  # the default until whitened + scale won the benchmark
         if "targets" in adapter:
             if not isinstance(adapter["targets"], list):
                 raise ValueError(f"adapter targets must be a list of matrix names, got {adapter['targets']!r}")

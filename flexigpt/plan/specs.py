@@ -19,17 +19,19 @@ class AdapterSpec:
     Attributes:
         rank: LoRA rank; each matrix's rank is capped at ``min(d_in, d_out)`` at build time.
         targets: short matrix names (``q_proj``...); empty = every linear of the architecture.
-        init: ``svd`` (the default: the paper's truncated SVD of ``W_pruned - W_donor``,
-            singular values on the output side, output norms at ``out_norm_scale``),
-            ``whitened`` (the fit of ``W_pruned - W_donor`` weighted by the pruned block's
-            calibration inputs, so it reproduces the block's outputs rather than its weights,
-            plus output-norm scales set in closed form; needs calibration windows at build time;
-            plan format 3. Measured in bench/quality.py: a better start and a better in-domain
-            result, but a worse one on text of another domain, so it is not the default) or
-            ``zeros`` (standard LoRA: output-side factor zero). Extension copies always use ``zeros``.
-        out_norm: ``layernorm`` (the paper's output feature normalisation: a LayerNorm on the
-            attention and MLP outputs with a tiny gamma) or ``scale`` (a learnable per-feature
-            scale vector; linear, so a merged export can fold it into the out linears).
+        init: ``whitened`` (the default: the fit of ``W_pruned - W_donor`` weighted by the pruned
+            block's calibration inputs, so it reproduces the block's outputs rather than its
+            weights, plus output-norm scales set in closed form; needs calibration windows at
+            build time; plan format 3), ``svd`` (the paper's truncated SVD of
+            ``W_pruned - W_donor``, singular values on the output side, output norms at
+            ``out_norm_scale``) or ``zeros`` (standard LoRA: output-side factor zero). Extension
+            copies always use ``zeros``.
+        out_norm: ``scale`` (the default: a learnable per-feature scale vector; linear, so a
+            merged export can fold it into the out linears) or ``layernorm`` (the paper's output
+            feature normalisation: a LayerNorm on the attention and MLP outputs with a tiny
+            gamma; it gives every token an update of the same size, which generalises worse).
+            Measured in bench/quality.py (bench/RESULTS.md): whitened + scale beats svd +
+            layernorm in-domain, on text of another domain and at the start.
         out_norm_scale: the starting gamma / scale; small, so a slot starts near the identity.
         train_prenorms: whether recovery trains the slot's own pre-norms (for ``foldgpt``: every
             slot's pre-norms, the only parameters it trains).
@@ -41,8 +43,8 @@ class AdapterSpec:
 
     rank: int = 8
     targets: tuple[str, ...] = ()
-    init: Literal["svd", "zeros", "whitened"] = "svd"
-    out_norm: Literal["layernorm", "scale"] = "layernorm"
+    init: Literal["svd", "zeros", "whitened"] = "whitened"
+    out_norm: Literal["layernorm", "scale"] = "scale"
     out_norm_scale: float = 1e-3
     train_prenorms: bool = True
     align: bool = False
