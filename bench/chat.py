@@ -47,6 +47,7 @@ from flexigpt.models import load_model  # noqa: E402
 from flexigpt.params import measure_params  # noqa: E402
 from flexigpt.pipeline import CHAT_LOSS, CHAT_LOSSES, CHAT_SHARE, build, needs_calibration, recover_model  # noqa: E402
 from flexigpt.plan import AdapterSpec, plan_from_analysis  # noqa: E402
+from flexigpt.plan.specs import ADAPTER_INITS  # noqa: E402
 from flexigpt.recover import RecoverSpec  # noqa: E402
 from flexigpt.recovery_data import recovery_windows  # noqa: E402
 from flexigpt.selection import iterative_selection  # noqa: E402
@@ -82,7 +83,7 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--rank", type=int, default=8, help="FlexiGPT adapter rank")
-    ap.add_argument("--init", default=AdapterSpec().init, choices=("svd", "zeros", "whitened"),
+    ap.add_argument("--init", default=AdapterSpec().init, choices=ADAPTER_INITS,
                     help="slot init (default: the plan's)")
     ap.add_argument("--fit-steps", type=int, default=0,
                     help="block-local fitting steps per slot before recovery (as `build --fit-steps`)")
@@ -159,20 +160,20 @@ def main() -> None:
             data_info.setdefault(name, {})["windows"] = windows[name].num_windows
         return windows[name]
 
-    calibs: dict[str, object] = {}
+    fitted: dict[str, object] = {}  # calibration data -> the fitted, unrecovered build
 
     def built(source: str):
         """The build as `build` makes it: whitened init and local fitting calibrate on the recovery data."""
         if not needs_calibration(plan, args.fit_steps):
             return build(base, plan)
-        if source not in calibs:  # fitted once per calibration data; each recipe recovers a copy
+        if source not in fitted:  # fitted once per calibration data; each recipe recovers a copy
             windows = recovery_windows(base, tok, source, seq_len=min(args.seq_len, 256),
                                        max_windows=args.calib_windows, fraction=args.mix_fraction)
             fit: dict = {}
-            calibs[source] = build(base, plan, calibration=windows, fit_steps=args.fit_steps, report=fit)
+            fitted[source] = build(base, plan, calibration=windows, fit_steps=args.fit_steps, report=fit)
             print(f"built on {source} calibration: fit {fit.get('fit_seconds', 0.0):.0f} s, "
                   f"R2 {fit.get('r2') or fit.get('scale_r2')}", flush=True)
-        return copy.deepcopy(calibs[source])
+        return copy.deepcopy(fitted[source])
 
     model = built(recipes[0][1])
     report = chat_fidelity(model, tok, reference=original, **fid)
