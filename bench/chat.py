@@ -9,7 +9,8 @@ the unrecovered build:
 - chat fidelity on the built-in prompt set (or --prompts): score (share of replies with an
   answer key), agreement (first 16 reply tokens equal to the original's), degeneration (share of
   looping replies), and how many prompts the original answers and the build does not;
-- held-out perplexity on `default` (the last 10 % of the pydoc text).
+- held-out perplexity on `default` (the last 10 % of the pydoc text), and on --other-data (default
+  `shakespeare`, a differently styled text: does the recipe keep general ability?).
 
 A recipe is OBJECTIVE:DATA: objective `lm` (next-token loss), `distill` (logit KL to the original)
 or `mix` (both); data `default` (pydoc text, train split), `chat` (self-distillation chat data:
@@ -71,11 +72,11 @@ def _recipes(args) -> list[tuple[str, str]]:
     return out
 
 
-def _row(name: str, report, ppl: float, original, **extra) -> dict:
+def _row(name: str, report, ppl: float, original, other: float, **extra) -> dict:
     return {"method": name, "score": report.score, "agreement": report.agreement, "degeneration": report.degeneration,
             "passed": report.passed, "degenerate": report.degenerate,
             "lost_vs_original": len(report.regressions(original)) if original is not None else 0,
-            "ppl_heldout": ppl, "fidelity_seconds": round(report.seconds, 1), **extra}
+            "ppl_heldout": ppl, "ppl_other": other, "fidelity_seconds": round(report.seconds, 1), **extra}
 
 
 def main() -> None:
@@ -102,6 +103,8 @@ def main() -> None:
     ap.add_argument("--chat-loss", default=CHAT_LOSS, choices=CHAT_LOSSES,
                     help="which tokens of the chat windows recovery learns (default: build's)")
     ap.add_argument("--eval-windows", type=int, default=16, help="held-out windows of `default` for perplexity")
+    ap.add_argument("--other-data", default="shakespeare",
+                    help="a second, differently styled text for held-out perplexity (general ability)")
     ap.add_argument("--calib-windows", type=int, default=32, help="analysis (and calibration) windows")
     ap.add_argument("--prompts", default=None, help="a .jsonl prompt set instead of the built-in one")
     ap.add_argument("--fidelity-max-new-tokens", type=int, default=48)
@@ -132,11 +135,13 @@ def main() -> None:
                                                                                             init=args.init),
                               scores=scores, selection=selection)
     held = token_windows(tok, "default", seq_len=args.seq_len, split="heldout", max_windows=args.eval_windows)
+    other = token_windows(tok, args.other_data, seq_len=args.seq_len, split="heldout", max_windows=args.eval_windows)
     print(f"plan: flexigpt r{args.rank} at ratio {args.ratio}: pruned {list(plan.pruned_blocks)}, donors {plan.donors}")
 
     t0 = time.perf_counter()
     original = chat_fidelity(base, tok, cache=True, **fid)  # cached on disk after the first run
-    rows = [_row("original", original, evaluate.perplexity(base, held).ppl, None, steps=0, recovery_seconds=0.0)]
+    rows = [_row("original", original, evaluate.perplexity(base, held).ppl, None, evaluate.perplexity(base, other).ppl,
+                 steps=0, recovery_seconds=0.0)]
     print(f"original ({time.perf_counter() - t0:.1f} s): {original.summary()}", flush=True)
 
     windows: dict[str, object] = {}
@@ -178,7 +183,7 @@ def main() -> None:
     model = built(recipes[0][1])
     report = chat_fidelity(model, tok, reference=original, **fid)
     rows.append(_row(f"flexigpt r{args.rank} (no recovery)", report, evaluate.perplexity(model, held).ppl, original,
-                     steps=0, recovery_seconds=0.0, trainable_params=measure_params(model).trainable))
+                     evaluate.perplexity(model, other).ppl, steps=0, recovery_seconds=0.0, trainable_params=measure_params(model).trainable))
     print(f"no recovery: {report.summary()}", flush=True)
     del model
     base_spec = dataclasses.replace(RecoverSpec(), steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -194,7 +199,7 @@ def main() -> None:
         seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - c
         report = chat_fidelity(model, tok, reference=original, **fid)
         ppl = evaluate.perplexity(model, held).ppl
-        rows.append(_row(name, report, ppl, original, steps=spec.steps, recovery_seconds=round(seconds, 1),
+        rows.append(_row(name, report, ppl, original, evaluate.perplexity(model, other).ppl, steps=spec.steps, recovery_seconds=round(seconds, 1),
                          seconds_per_step=round(seconds / spec.steps, 2), cpu_seconds_per_step=round(cpu_seconds / spec.steps, 2),
                          final_loss=last.loss if last else None, tokens_seen=last.tokens_seen if last else 0,
                          train_windows=train.num_windows, trainable_params=measure_params(model).trainable))
@@ -220,20 +225,21 @@ def main() -> None:
     print()
     print(f"chat-fidelity protocol: {json.dumps({k: v for k, v in original.protocol.items() if k != 'loop_rule'})}")
     print(f"held-out protocol: {json.dumps(held.protocol())}")
+    print(f"other-text protocol: {json.dumps(other.protocol())}")
     print(f"slots: init {args.init}, {args.fit_steps} local-fit steps per slot, calibration {args.calib_windows} windows "
           "of each recipe's data")
     print(f"recovery: {args.steps} steps x batch {args.batch_size} x {args.seq_len} tokens, lr {args.lr}; "
           f"mixed = {args.mix_fraction:g} chat; chat loss on {args.chat_loss}")
-    print(f"{'method':<{w}}{'score':>7}{'agree':>7}{'degen':>7}{'lost':>6}{'ppl':>9}{'ppl/lm':>8}{'s/step':>8}{'meets':>7}")
+    print(f"{'method':<{w}}{'score':>7}{'agree':>7}{'degen':>7}{'lost':>6}{'ppl':>9}{'other':>9}{'ppl/lm':>8}{'s/step':>8}{'meets':>7}")
     for r in rows:
         ratio = r.get("ppl_vs_lm_default")
         print(f"{r['method']:<{w}}{r['score']:>7.3f}{(r['agreement'] if r['agreement'] is not None else 1.0):>7.3f}"
-              f"{r['degeneration']:>7.3f}{r['lost_vs_original']:>6}{r['ppl_heldout']:>9.2f}"
+              f"{r['degeneration']:>7.3f}{r['lost_vs_original']:>6}{r['ppl_heldout']:>9.2f}{r['ppl_other']:>9.2f}"
               f"{(f'{ratio:.3f}' if ratio else '-'):>8}{(str(r.get('seconds_per_step', '-'))):>8}"
               f"{('yes' if r.get('meets_targets') else 'no') if 'meets_targets' in r else '-':>7}")
     print(f"total {time.perf_counter() - wall:.0f} s wall, {time.process_time() - cpu:.0f} s CPU")
     if args.json:
-        print(json.dumps({"rows": rows, "fidelity_protocol": original.protocol, "heldout_protocol": held.protocol(),
+        print(json.dumps({"rows": rows, "fidelity_protocol": original.protocol, "heldout_protocol": held.protocol(), "other_protocol": other.protocol(),
                           "data": data_info, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                           "lr": args.lr, "init": args.init, "fit_steps": args.fit_steps, "mix_fraction": args.mix_fraction, "chat_loss": args.chat_loss, "pruned": list(plan.pruned_blocks),
                           "targets": {"score_share": SCORE_SHARE, "ppl_slack": PPL_SLACK}}))

@@ -1,19 +1,23 @@
 """Does replacing beat dropping? An honest side-by-side recovery benchmark on one machine, one run.
 
 On the embedded model (or --model) at --ratio (default 0.3: the 9 lowest-BI of 30 blocks), with
-the same recovery data, steps and tokens for every trained row:
+the same recovery data, steps and tokens for every trained row (and --objective, default
+next-token loss, except where a row names its own):
 
 - original                   no training (the reference)
 - original + LoRA (=r8)      the same budget of LoRA on the unpruned model: how much the recovery
                              text alone lowers perplexity ("domain adaptation only")
 - drop                       ShortGPT, no training
 - drop + LoRA (=rN)          LoRA on the kept blocks at the trainable-parameter count of FlexiGPT rN
+- drop + LoRA (=r8), OBJ     the same recovered with `build`'s objective for a text model
+                             (flexigpt.pipeline.TEXT_RECIPE, when it is not --objective)
 - flexigpt r8 (svd, one lr)  FlexiGPT as first shipped: SVD init, LayerNorm output norms, one
                              learning rate for everything
 - flexigpt r8 (defaults)     what `plan` then `build --steps N` gives with no other flag (whitened
                              init with closed-form output scales, per-feature scale output norms,
                              gate learning-rate multiplier, no donor where the analysis' function
-                             metric finds the block's own rank-r fit better than any donor)
+                             metric finds the block's own rank-r fit better than any donor, and
+                             `build`'s objective for a text model); also with --objective
 - flexigpt r8 (svd, layernorm, gate lr)  the previous defaults
 - flexigpt r8 (+ fit N)      whitened init plus block-local fitting of each slot before recovery
                              (each slot reads what reaches it in the built model; --fit-inputs
@@ -59,7 +63,7 @@ from flexigpt.analysis import analyze  # noqa: E402
 from flexigpt.data import token_windows  # noqa: E402
 from flexigpt.models import load_model  # noqa: E402
 from flexigpt.params import estimate_params, matched_lora_rank, measure_params  # noqa: E402
-from flexigpt.pipeline import build, needs_calibration, recover_model  # noqa: E402
+from flexigpt.pipeline import TEXT_RECIPE, build, needs_calibration, recover_model  # noqa: E402
 from flexigpt.plan import AdapterSpec, Plan, plan_from_analysis  # noqa: E402
 from flexigpt.recover import RecoverSpec  # noqa: E402
 from flexigpt.slot_fit import FIT_INPUTS, fit_slots  # noqa: E402
@@ -92,9 +96,16 @@ def _rows(args, analysis, base) -> tuple[list[Row], Plan]:
             Row("drop", drop, trained=False)]
     for r in (8, 32):
         rows.append(Row(f"drop + LoRA (=r{r})", drop.with_kept_lora(matched_lora_rank(flexi[r], base))))
+    objective = TEXT_RECIPE[0]  # `build`'s objective for a model recovering on its text
+    if objective != args.objective:  # the baseline recovered the way `build` recovers the defaults row
+        rows.append(Row(f"drop + LoRA (=r8), {objective}", drop.with_kept_lora(matched_lora_rank(first, base)),
+                        spec={"objective": objective}))
     rows.append(Row("flexigpt r8 (svd, one lr)", first.with_adapter(init="svd", out_norm="layernorm"),
                     spec={"gate_lr_scale": 1.0}))
-    rows.append(Row(f"flexigpt r8 (defaults: {defaults.init}, {defaults.out_norm}, gate lr)", first))
+    rows.append(Row(f"flexigpt r8 (defaults: {defaults.init}, {defaults.out_norm}, gate lr, {objective})", first,
+                    spec={"objective": objective}))
+    if objective != args.objective:
+        rows.append(Row(f"flexigpt r8 ({defaults.init}, {defaults.out_norm}, gate lr, {args.objective})", first))
     rows.append(Row("flexigpt r8 (svd, layernorm, gate lr: the previous defaults)",
                     first.with_adapter(init="svd", out_norm="layernorm")))
     inputs = "" if args.fit_inputs == "built" else f", {args.fit_inputs} inputs"

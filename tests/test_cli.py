@@ -89,3 +89,28 @@ def test_build_on_chat_data_learns_the_replies_only_when_asked(tiny_folder, tmp_
     with pytest.raises(SystemExit) as bad:
         main([*common, "--out", str(tmp_path / "x"), "--chat-loss", "prompts"])
     assert bad.value.code == 2 and "invalid choice: 'prompts'" in capsys.readouterr().err
+
+
+def test_build_recovers_a_model_without_chat_template_with_the_text_recipe(_tiny_llama_base, tiny_tokenizer,
+                                                                          tiny_text_file, tmp_path, capsys):
+    """No --objective and no --train-data on a model without a chat template: `build` recovers on
+    --data with the text recipe (next-token loss plus distillation from the original)."""
+    import copy
+
+    from flexigpt.pipeline import TEXT_RECIPE
+    from flexigpt.plan import Plan
+
+    folder = tmp_path / "plain"
+    plain = copy.deepcopy(tiny_tokenizer)
+    plain.chat_template = None
+    _tiny_llama_base.save_pretrained(folder)
+    plain.save_pretrained(folder)
+    plan = tmp_path / "plan.json"
+    plan.write_text(Plan.identity(str(folder), 6, method="drop").drop(2).with_kept_lora(2).to_json())
+    assert main(["build", "--plan", str(plan), "--out", str(tmp_path / "m"), "--steps", "1", "--seq-len", "16",
+                 "--batch-size", "2", "--eval-windows", "1", "--data", str(tiny_text_file), "--checkpoint-every", "0",
+                 "--json"]) == 0
+    recovery = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["recovery"]
+    assert TEXT_RECIPE == ("mix", None)
+    assert (recovery["objective"], recovery["train_data"]) == ("mix", str(tiny_text_file))
+    assert recovery["final_loss"] is not None and recovery["final_loss"] > 0

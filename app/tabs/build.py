@@ -35,7 +35,7 @@ def recipe_note() -> str:
 
 def default_recipe(chat_model: bool) -> tuple[str, str]:
     """``(objective, source label)`` the recover panel starts with: the recipe that won bench/chat.py
-    for chat models (see bench/RESULTS.md), plain next-token loss on the text otherwise."""
+    for chat models, the one that won bench/quality.py on the text otherwise (see bench/RESULTS.md)."""
     from flexigpt.pipeline import default_recovery
 
     objective, data = default_recovery(chat_model)
