@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                           "seq_len": "tokens per window (training and evaluation)",
                                           "objective": "lm (next-token loss), distill (match the original's "
                                                        "predictions) or mix (default: the measured best recipe "
-                                                       "for the model, flexigpt.pipeline.default_recovery)"})
+                                                       "for the model, flexigpt.pipeline.default_recovery: lm "
+                                                       "on mixed data with a chat template, else mix)"})
     p.add_argument("--kept-lora-rank", type=int, default=None,
                    help="LoRA rank on the kept blocks (default: the plan's; for a recovered drop plan without one, "
                         "matched to the FlexiGPT budget)")
