@@ -98,6 +98,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=RecoverSpec().batch_size)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=RecoverSpec().lr)
+    ap.add_argument("--gate-lr-scale", type=float, default=RecoverSpec().gate_lr_scale,
+                    help="learning-rate multiplier of output-norm scales, norms and biases (as `build --gate-lr-scale`)")
+    ap.add_argument("--kept-lora-rank", type=int, default=None,
+                    help="also put LoRA of this rank on the kept blocks (as `build --kept-lora-rank`; default none)")
     ap.add_argument("--mix-fraction", type=float, default=CHAT_SHARE,
                     help="share of chat windows in the `mixed` data (default: build's, flexigpt.pipeline.CHAT_SHARE)")
     ap.add_argument("--chat-loss", default=CHAT_LOSS, choices=CHAT_LOSSES,
@@ -134,6 +138,8 @@ def main() -> None:
     plan = plan_from_analysis(analysis, args.ratio, method="flexigpt", adapter=AdapterSpec(rank=args.rank,
                                                                                             init=args.init),
                               scores=scores, selection=selection)
+    if args.kept_lora_rank:
+        plan = plan.with_kept_lora(args.kept_lora_rank)
     held = token_windows(tok, "default", seq_len=args.seq_len, split="heldout", max_windows=args.eval_windows)
     other = token_windows(tok, args.other_data, seq_len=args.seq_len, split="heldout", max_windows=args.eval_windows)
     print(f"plan: flexigpt r{args.rank} at ratio {args.ratio}: pruned {list(plan.pruned_blocks)}, donors {plan.donors}")
@@ -187,7 +193,7 @@ def main() -> None:
     print(f"no recovery: {report.summary()}", flush=True)
     del model
     base_spec = dataclasses.replace(RecoverSpec(), steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                                    lr=args.lr, checkpoint_every=0)
+                                    lr=args.lr, gate_lr_scale=args.gate_lr_scale, checkpoint_every=0)
     for objective, source in recipes:
         name = f"flexigpt r{args.rank} {objective}:{source}"
         spec = dataclasses.replace(base_spec, objective=objective)
@@ -228,7 +234,8 @@ def main() -> None:
     print(f"other-text protocol: {json.dumps(other.protocol())}")
     print(f"slots: init {args.init}, {args.fit_steps} local-fit steps per slot, calibration {args.calib_windows} windows "
           "of each recipe's data")
-    print(f"recovery: {args.steps} steps x batch {args.batch_size} x {args.seq_len} tokens, lr {args.lr}; "
+    print(f"recovery: {args.steps} steps x batch {args.batch_size} x {args.seq_len} tokens, lr {args.lr}, "
+          f"gate lr x{args.gate_lr_scale:g}, kept-block LoRA rank {args.kept_lora_rank or 'none'}; "
           f"mixed = {args.mix_fraction:g} chat; chat loss on {args.chat_loss}")
     print(f"{'method':<{w}}{'score':>7}{'agree':>7}{'degen':>7}{'lost':>6}{'ppl':>9}{'other':>9}{'ppl/lm':>8}{'s/step':>8}{'meets':>7}")
     for r in rows:
@@ -241,7 +248,7 @@ def main() -> None:
     if args.json:
         print(json.dumps({"rows": rows, "fidelity_protocol": original.protocol, "heldout_protocol": held.protocol(), "other_protocol": other.protocol(),
                           "data": data_info, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                          "lr": args.lr, "init": args.init, "fit_steps": args.fit_steps, "mix_fraction": args.mix_fraction, "chat_loss": args.chat_loss, "pruned": list(plan.pruned_blocks),
+                          "lr": args.lr, "gate_lr_scale": args.gate_lr_scale, "kept_lora_rank": args.kept_lora_rank, "init": args.init, "fit_steps": args.fit_steps, "mix_fraction": args.mix_fraction, "chat_loss": args.chat_loss, "pruned": list(plan.pruned_blocks),
                           "targets": {"score_share": SCORE_SHARE, "ppl_slack": PPL_SLACK}}))
 
 

@@ -139,7 +139,7 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(tiny_model, tmp_path)
     spec = RecoverSpec(steps=2, batch_size=2, seq_len=16)
     list(recover(_lora(copy.deepcopy(tiny_model)), ids, spec, checkpoint_dir=tmp_path))
     with pytest.raises(ValueError, match="other settings.*lr"):
-        list(recover(_lora(copy.deepcopy(tiny_model)), ids, RecoverSpec(steps=2, batch_size=2, seq_len=16, lr=1e-3),
+        list(recover(_lora(copy.deepcopy(tiny_model)), ids, RecoverSpec(steps=2, batch_size=2, seq_len=16, lr=spec.lr * 2),
                      checkpoint_dir=tmp_path, resume=True))
     with pytest.raises(ValueError, match="other windows"):
         list(recover(_lora(copy.deepcopy(tiny_model)), _windows(seed=5), spec, checkpoint_dir=tmp_path, resume=True))

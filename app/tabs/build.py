@@ -299,7 +299,7 @@ def render(ctx) -> None:
                           elem_id="recover-steps")
         batch = gr.Number(2, label="batch (windows)", precision=None, minimum=1, maximum=limits.current().recover_batch, elem_id="recover-batch")
         seq_len = gr.Dropdown([64, 128, 256], value=128, label="tokens per window", elem_id="recover-seq")
-        lr = gr.Number(5e-4, label="learning rate", elem_id="recover-lr")
+        lr = gr.Number(RecoverSpec().lr, label="learning rate", elem_id="recover-lr")
     with gr.Accordion("advanced", open=False):
         with gr.Row():
             gate_lr = gr.Number(DEFAULT_GATE_LR_SCALE, label="gate learning-rate multiplier (output-norm scales, "
