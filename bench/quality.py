@@ -49,6 +49,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -133,6 +134,12 @@ def _rows(args, analysis, base) -> tuple[list[Row], Plan]:
     return rows, first
 
 
+def _names(arg: str) -> set[str]:
+    """Row names or prefixes from a comma-separated list. A comma followed by a space is part of a
+    name (`drop + LoRA (=r8), mix`), so only a bare comma separates two names."""
+    return {s.strip() for s in re.split(r",(?!\s)", arg) if s.strip()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
@@ -156,7 +163,7 @@ def main() -> None:
     ap.add_argument("--gates-steps", type=int, default=30, help="FoldGPT: gate training steps on the calibration windows")
     ap.add_argument("--fold-hidden-weight", type=float, default=1.0,
                     help="FoldGPT cure: weight of the last-block hidden-state (tail distillation) term")
-    ap.add_argument("--only", default="", help="comma-separated row names (or name prefixes) to run (default all)")
+    ap.add_argument("--only", default="", help="comma-separated row names (or name prefixes) to run (default all); a comma followed by a space belongs to a name")
     ap.add_argument("--skip", default="", help="comma-separated row names (or name prefixes) to leave out")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--save-dir", default=None, help="also write a compact export of every trained pruned row here")
@@ -175,10 +182,10 @@ def main() -> None:
     held = token_windows(tok, args.data, seq_len=args.seq_len, split="heldout", max_windows=args.eval_windows)
     other = token_windows(tok, args.other_data, seq_len=args.seq_len, split="heldout", max_windows=args.eval_windows)
     rows, first = _rows(args, analysis, base)
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    only = _names(args.only)
     if only:
         rows = [r for r in rows if r.name == "original" or any(r.name.startswith(o) for o in only)]
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    skip = _names(args.skip)
     rows = [r for r in rows if not any(r.name.startswith(o) for o in skip)]
     iterative = fold = None
     for row in rows:
