@@ -62,7 +62,7 @@ class RecoverSpec:
     The defaults are the measured best of bench/RESULTS.md ("Learning rate, local fitting and a
     hybrid budget"): at 100 steps lr 1e-3 beats 5e-4 for drop + LoRA (19.87 / 126.26 against
     24.10 / 134.44 in-domain / other text) and for FlexiGPT slots (19.31 / 136.66 against
-    20.34 / 136.74), and in the chat recipe it halves the looping replies. The gate multiplier
+    20.34 / 136.74), and in the chat recipe it cuts the looping replies from 6 to 2. The gate multiplier
     went from 30 to 15 with it, so gates learn at the same absolute rate as before.
     """
 
