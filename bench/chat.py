@@ -72,11 +72,12 @@ def _recipes(args) -> list[tuple[str, str]]:
     return out
 
 
-def _row(name: str, report, ppl: float, original, other: float, **extra) -> dict:
+def _row(name: str, report, ppls: tuple[float, float], original, **extra) -> dict:
+    """One table row; ``ppls`` is the model's (held-out, other-text) perplexity."""
     return {"method": name, "score": report.score, "agreement": report.agreement, "degeneration": report.degeneration,
             "passed": report.passed, "degenerate": report.degenerate,
             "lost_vs_original": len(report.regressions(original)) if original is not None else 0,
-            "ppl_heldout": ppl, "ppl_other": other, "fidelity_seconds": round(report.seconds, 1), **extra}
+            "ppl_heldout": ppls[0], "ppl_other": ppls[1], "fidelity_seconds": round(report.seconds, 1), **extra}
 
 
 def main() -> None:
@@ -142,12 +143,15 @@ def main() -> None:
         plan = plan.with_kept_lora(args.kept_lora_rank)
     held = token_windows(tok, "default", seq_len=args.seq_len, split="heldout", max_windows=args.eval_windows)
     other = token_windows(tok, args.other_data, seq_len=args.seq_len, split="heldout", max_windows=args.eval_windows)
+
+    def ppls(model) -> tuple[float, float]:
+        return evaluate.perplexity(model, held).ppl, evaluate.perplexity(model, other).ppl
+
     print(f"plan: flexigpt r{args.rank} at ratio {args.ratio}: pruned {list(plan.pruned_blocks)}, donors {plan.donors}")
 
     t0 = time.perf_counter()
     original = chat_fidelity(base, tok, cache=True, **fid)  # cached on disk after the first run
-    rows = [_row("original", original, evaluate.perplexity(base, held).ppl, None, evaluate.perplexity(base, other).ppl,
-                 steps=0, recovery_seconds=0.0)]
+    rows = [_row("original", original, ppls(base), None, steps=0, recovery_seconds=0.0)]
     print(f"original ({time.perf_counter() - t0:.1f} s): {original.summary()}", flush=True)
 
     windows: dict[str, object] = {}
@@ -188,8 +192,8 @@ def main() -> None:
 
     model = built(recipes[0][1])
     report = chat_fidelity(model, tok, reference=original, **fid)
-    rows.append(_row(f"flexigpt r{args.rank} (no recovery)", report, evaluate.perplexity(model, held).ppl, original,
-                     evaluate.perplexity(model, other).ppl, steps=0, recovery_seconds=0.0, trainable_params=measure_params(model).trainable))
+    rows.append(_row(f"flexigpt r{args.rank} (no recovery)", report, ppls(model), original, steps=0,
+                     recovery_seconds=0.0, trainable_params=measure_params(model).trainable))
     print(f"no recovery: {report.summary()}", flush=True)
     del model
     base_spec = dataclasses.replace(RecoverSpec(), steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -204,8 +208,8 @@ def main() -> None:
             pass
         seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - c
         report = chat_fidelity(model, tok, reference=original, **fid)
-        ppl = evaluate.perplexity(model, held).ppl
-        rows.append(_row(name, report, ppl, original, evaluate.perplexity(model, other).ppl, steps=spec.steps, recovery_seconds=round(seconds, 1),
+        ppl, ppl_other = ppls(model)
+        rows.append(_row(name, report, (ppl, ppl_other), original, steps=spec.steps, recovery_seconds=round(seconds, 1),
                          seconds_per_step=round(seconds / spec.steps, 2), cpu_seconds_per_step=round(cpu_seconds / spec.steps, 2),
                          final_loss=last.loss if last else None, tokens_seen=last.tokens_seen if last else 0,
                          train_windows=train.num_windows, trainable_params=measure_params(model).trainable))

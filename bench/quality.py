@@ -163,8 +163,9 @@ def main() -> None:
     ap.add_argument("--gates-steps", type=int, default=30, help="FoldGPT: gate training steps on the calibration windows")
     ap.add_argument("--fold-hidden-weight", type=float, default=1.0,
                     help="FoldGPT cure: weight of the last-block hidden-state (tail distillation) term")
-    ap.add_argument("--only", default="", help="comma-separated row names (or name prefixes) to run (default all); a comma followed by a space belongs to a name")
-    ap.add_argument("--skip", default="", help="comma-separated row names (or name prefixes) to leave out")
+    names = "comma-separated row names (or name prefixes; a comma followed by a space belongs to a name)"
+    ap.add_argument("--only", default="", help=f"{names} to run (default all)")
+    ap.add_argument("--skip", default="", help=f"{names} to leave out")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--save-dir", default=None, help="also write a compact export of every trained pruned row here")
     ap.add_argument("--json", action="store_true")
