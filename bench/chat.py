@@ -22,6 +22,7 @@ perplexity within 10 % of `lm:default` (when that recipe is in the run).
     python bench/chat.py --recipes lm:default,distill:default,distill:chat,mix:chat,distill:mixed --steps 100 --json
     python bench/chat.py --recipes lm:default,distill:chat --steps 3 --eval-windows 4   # smoke run
     python bench/chat.py --select iterative --recipes lm:mixed --steps 100 --json   # SLEB's blocks instead of BI's
+    python bench/chat.py --select iterative --select-data chat --recipes lm:mixed --steps 100 --json   # SLEB on chat
 """
 from __future__ import annotations
 
@@ -92,6 +93,9 @@ def main() -> None:
     ap.add_argument("--select", default="bi", choices=("bi", "iterative"),
                     help="which blocks to prune: lowest Block Influence (as `plan`) or iterative selection (SLEB, "
                          "as `plan --select iterative`, 8 x 128 calibration tokens)")
+    ap.add_argument("--select-data", default="default", choices=DATA,
+                    help="what iterative selection measures perplexity on: the text (as `plan`), the original's "
+                         "own chat replies, or the mix recovery reads")
     ap.add_argument("--recipes", default=None, help="comma-separated OBJECTIVE:DATA recipes, e.g. lm:default,distill:chat")
     ap.add_argument("--objective", default="lm", choices=OBJECTIVES, help="the one recipe's objective without --recipes")
     ap.add_argument("--data", default="default", choices=DATA, help="the one recipe's data without --recipes")
@@ -133,8 +137,9 @@ def main() -> None:
     scores = selection = None
     if args.select == "iterative":
         L = base.config.num_hidden_layers
-        sel = iterative_selection(base, token_windows(tok, "default", seq_len=128, split="train", max_windows=8),
-                                  int(round(args.ratio * L)))
+        sel_windows = recovery_windows(base, tok, args.select_data, seq_len=128, max_windows=8,
+                                       fraction=args.mix_fraction)
+        sel = iterative_selection(base, sel_windows, int(round(args.ratio * L)))
         scores, selection = sel.scores(L), "iterative"
     plan = plan_from_analysis(analysis, args.ratio, method="flexigpt", adapter=AdapterSpec(rank=args.rank,
                                                                                             init=args.init),
@@ -236,6 +241,8 @@ def main() -> None:
     print(f"chat-fidelity protocol: {json.dumps({k: v for k, v in original.protocol.items() if k != 'loop_rule'})}")
     print(f"held-out protocol: {json.dumps(held.protocol())}")
     print(f"other-text protocol: {json.dumps(other.protocol())}")
+    print(f"pruned blocks (0-based): {', '.join(map(str, plan.pruned_blocks))}, chosen by "
+          + ("Block Influence" if args.select == "bi" else f"iterative selection on {args.select_data}"))
     print(f"slots: init {args.init}, {args.fit_steps} local-fit steps per slot, calibration {args.calib_windows} windows "
           "of each recipe's data")
     print(f"recovery: {args.steps} steps x batch {args.batch_size} x {args.seq_len} tokens, lr {args.lr}, "
@@ -252,7 +259,7 @@ def main() -> None:
     if args.json:
         print(json.dumps({"rows": rows, "fidelity_protocol": original.protocol, "heldout_protocol": held.protocol(), "other_protocol": other.protocol(),
                           "data": data_info, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                          "lr": args.lr, "gate_lr_scale": args.gate_lr_scale, "kept_lora_rank": args.kept_lora_rank, "init": args.init, "fit_steps": args.fit_steps, "mix_fraction": args.mix_fraction, "chat_loss": args.chat_loss, "pruned": list(plan.pruned_blocks),
+                          "lr": args.lr, "gate_lr_scale": args.gate_lr_scale, "kept_lora_rank": args.kept_lora_rank, "init": args.init, "fit_steps": args.fit_steps, "mix_fraction": args.mix_fraction, "chat_loss": args.chat_loss, "pruned": list(plan.pruned_blocks), "select": args.select, "select_data": args.select_data if args.select == "iterative" else None,
                           "targets": {"score_share": SCORE_SHARE, "ppl_slack": PPL_SLACK}}))
 
 
