@@ -16,12 +16,13 @@ next-token loss, except where a row names its own):
 - flexigpt r8 (defaults)     what `plan` then `build --steps N` gives with no other flag (whitened
                              init with closed-form output scales, per-feature scale output norms,
                              gate learning-rate multiplier, no donor where the analysis' function
-                             metric finds the block's own rank-r fit better than any donor, and
-                             `build`'s objective for a text model); also with --objective
+                             metric finds the block's own rank-r fit better than any donor,
+                             `build`'s block-local fitting and objective for a text model:
+                             flexigpt.pipeline.TEXT_FIT_STEPS and TEXT_RECIPE); also with --objective
+                             (each slot reads what reaches it in the built model while it is fitted;
+                             --fit-inputs original: what enters its pruned block in the original model)
+- flexigpt r8 (no fit)       the defaults without block-local fitting (the defaults until 2026-12-06)
 - flexigpt r8 (svd, layernorm, gate lr)  the previous defaults
-- flexigpt r8 (+ fit N)      whitened init plus block-local fitting of each slot before recovery
-                             (each slot reads what reaches it in the built model; --fit-inputs
-                             original: what enters its pruned block in the original model)
 - flexigpt r8 shared donors  every slot shares its best donor (`plan --keep-donors`): does sharing
                              a donor help at all?
 - flexigpt r32 (defaults)    the same at rank 32
@@ -64,7 +65,7 @@ from flexigpt.analysis import analyze  # noqa: E402
 from flexigpt.data import token_windows  # noqa: E402
 from flexigpt.models import load_model  # noqa: E402
 from flexigpt.params import estimate_params, matched_lora_rank, measure_params  # noqa: E402
-from flexigpt.pipeline import TEXT_RECIPE, build, needs_calibration, recover_model  # noqa: E402
+from flexigpt.pipeline import TEXT_RECIPE, build, default_fit_steps, needs_calibration, recover_model  # noqa: E402
 from flexigpt.plan import AdapterSpec, Plan, plan_from_analysis  # noqa: E402
 from flexigpt.recover import RecoverSpec  # noqa: E402
 from flexigpt.slot_fit import FIT_INPUTS, fit_slots  # noqa: E402
@@ -103,15 +104,17 @@ def _rows(args, analysis, base) -> tuple[list[Row], Plan]:
                         spec={"objective": objective}))
     rows.append(Row("flexigpt r8 (svd, one lr)", first.with_adapter(init="svd", out_norm="layernorm"),
                     spec={"gate_lr_scale": 1.0}))
-    rows.append(Row(f"flexigpt r8 (defaults: {defaults.init}, {defaults.out_norm}, gate lr, {objective})", first,
-                    spec={"objective": objective}))
+    fit = default_fit_steps(first, chat_model=False)  # `build`'s local fit for a model recovering on its text
+    inputs = "" if args.fit_inputs == "built" else f" on {args.fit_inputs} inputs"
+    rows.append(Row(f"flexigpt r8 (defaults: {defaults.init}, {defaults.out_norm}, gate lr, fit {fit}{inputs}, "
+                    f"{objective})", first, spec={"objective": objective}, fit_steps=fit))
     if objective != args.objective:
-        rows.append(Row(f"flexigpt r8 ({defaults.init}, {defaults.out_norm}, gate lr, {args.objective})", first))
+        rows.append(Row(f"flexigpt r8 ({defaults.init}, {defaults.out_norm}, gate lr, fit {fit}{inputs}, "
+                        f"{args.objective})", first, fit_steps=fit))
+    rows.append(Row(f"flexigpt r8 (no fit: {defaults.init}, {defaults.out_norm}, gate lr, {objective})", first,
+                    spec={"objective": objective}))
     rows.append(Row("flexigpt r8 (svd, layernorm, gate lr: the previous defaults)",
                     first.with_adapter(init="svd", out_norm="layernorm")))
-    inputs = "" if args.fit_inputs == "built" else f", {args.fit_inputs} inputs"
-    rows.append(Row(f"flexigpt r8 (whitened + fit {args.fit_steps}{inputs})", first.with_adapter(init="whitened"),
-                    fit_steps=args.fit_steps))
     shared = plan_from_analysis(analysis, args.ratio, method="flexigpt", adapter=dataclasses.replace(defaults, rank=8),
                                 keep_donors=True)
     if shared != first:
@@ -122,15 +125,16 @@ def _rows(args, analysis, base) -> tuple[list[Row], Plan]:
     rows.append(Row("drop (replaceme's span)", spans["replaceme"].with_method("drop"), trained=False))
     rows.append(Row("replaceme", spans["replaceme"], trained=False))
     rows.append(Row("replaceme + LoRA (=r8)", spans["replaceme"].with_kept_lora(matched_lora_rank(first, base))))
-    rows.append(Row(f"streamline (local fit {args.fit_steps or 200}, then recovery)", spans["streamline"],
-                    fit_steps=args.fit_steps or 200))
+    rows.append(Row(f"streamline (local fit {args.fit_steps}, then recovery)", spans["streamline"],
+                    fit_steps=args.fit_steps))
     rows.append(Row("drop (iterative selection)", None, trained=False))
     rows.append(Row("drop (iterative) + LoRA (=r8)", None))
     assert all(len(p.pruned_blocks) == n for p in spans.values())
+    # FoldGPT's cure as it was measured: logit KL at weight 1 beside the tail term of the same weight
     rows.append(Row(f"foldgpt g{args.group_size} (cure: distill + tail, gate lr)", None,
-                    spec={"objective": "distill", "hidden_weight": args.fold_hidden_weight}))
+                    spec={"objective": "distill", "kd_weight": 1.0, "hidden_weight": args.fold_hidden_weight}))
     rows.append(Row(f"foldgpt g{args.group_size} averaged representative (same cure)", None,
-                    spec={"objective": "distill", "hidden_weight": args.fold_hidden_weight}))
+                    spec={"objective": "distill", "kd_weight": 1.0, "hidden_weight": args.fold_hidden_weight}))
     return rows, first
 
 
@@ -152,11 +156,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=RecoverSpec().lr)
     ap.add_argument("--gate-lr-scale", type=float, default=RecoverSpec().gate_lr_scale)
     ap.add_argument("--objective", default="lm", choices=("lm", "distill", "mix"))
-    ap.add_argument("--fit-steps", type=int, default=200, help="block-local fitting steps per slot (the '+ fit' row)")
+    ap.add_argument("--fit-steps", type=int, default=200, help="local fitting steps of the streamline row")
     ap.add_argument("--out-norm", default=None, choices=("layernorm", "scale"),
                     help="the FlexiGPT rows' output norms (default: the plan's)")
     ap.add_argument("--fit-inputs", default="built", choices=FIT_INPUTS,
-                    help="what each slot reads while it is fitted in the '+ fit' row (flexigpt.slot_fit)")
+                    help="what each slot reads while it is fitted in the defaults rows (flexigpt.slot_fit)")
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--group-size", type=int, default=2, help="FoldGPT: kept blocks per group")

@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (written by the main process)")
     p.add_argument("--plan", default=None, help="a plan.json: build it with apply_plan and train what it marks")
     p.add_argument("--kept-lora", type=int, default=None, help="with --plan: also LoRA of this rank on kept blocks")
+    p.add_argument("--fit-steps", type=int, default=None,
+                   help="with --plan: block-local fitting steps per slot before recovery (as `build --fit-steps`; "
+                        "default: build's, flexigpt.pipeline.default_fit_steps)")
     p.add_argument("--lora-rank", type=int, default=8, help="without --plan: LoRA rank")
     p.add_argument("--lora-targets", default="", help="without --plan: comma-separated matrix names "
                    "(default: every linear of the architecture)")
@@ -153,7 +156,8 @@ def run(args: argparse.Namespace) -> dict | None:
 
     # imported on first use: keeps importing this module light; the recipe is the one `build` uses
     from flexigpt.models import load_model
-    from flexigpt.pipeline import CHAT_LOSS, CHAT_SHARE, build, default_recovery, needs_calibration, recipe
+    from flexigpt.pipeline import (CHAT_LOSS, CHAT_SHARE, build, default_fit_steps, default_recovery,
+                                   needs_calibration, recipe)
     from flexigpt.plan import Plan
     from flexigpt.recovery_data import RECOVERY_SOURCES, has_chat_template, recovery_windows
 
@@ -163,6 +167,8 @@ def run(args: argparse.Namespace) -> dict | None:
     if not 0.0 < share < 1.0:
         raise ValueError(f"--chat-share must be between 0 and 1 (exclusive), got {share}")
     chat_loss = args.chat_loss or CHAT_LOSS
+    if args.fit_steps is not None and not 0 <= args.fit_steps <= 100_000:
+        raise ValueError(f"--fit-steps must be in 0..100000, got {args.fit_steps}")
     if args.dtype != "float32" and acc.mixed_precision == "no":
         raise ValueError(f"--dtype {args.dtype} needs mixed precision (autocast); use --mixed-precision bf16 or fp16")
     loaded = load_model(args.model, dtype=args.dtype)
@@ -181,12 +187,14 @@ def run(args: argparse.Namespace) -> dict | None:
     if args.plan:
         plan = recipe(Plan.from_json(Path(args.plan).read_text(encoding="utf-8")), base, recovering=True,
                       kept_lora_rank=args.kept_lora)
+        fit_steps = default_fit_steps(plan, has_chat_template(tok)) if args.fit_steps is None else args.fit_steps
         calibration = None
-        if needs_calibration(plan):
+        if needs_calibration(plan, fit_steps):
             with acc.main_process_first():
                 calibration = recovery_windows(base, tok, train_ref, text=args.data, seq_len=spec.seq_len,
                                                max_windows=32, max_len=context, fraction=share)
-        model, teacher = build(base, plan, calibration=calibration), base  # the base stays intact and frozen
+        # every process builds (and fits) the same slots from the same windows and seed
+        model, teacher = build(base, plan, calibration=calibration, fit_steps=fit_steps), base  # the base stays frozen
     else:
         teacher = copy.deepcopy(base) if spec.objective != "lm" else None
         model = attach_lora(base, args.lora_rank, [t for t in args.lora_targets.split(",") if t.strip()],

@@ -97,12 +97,13 @@ def estimate_params(plan: Plan, source: Any, *, kept_lora_rank: int | None = Non
 def matched_lora_rank(plan: Plan, source: Any, targets: tuple[str, ...] = ()) -> int:
     """The kept-block LoRA rank whose trainable count best matches ``plan`` built as FlexiGPT.
 
-    This sets the ShortGPT + LoRA baseline at the same trainable budget. Ties go to the
-    smaller rank; at least 1.
+    This sets the ShortGPT + LoRA baseline at the same trainable budget. A FlexiGPT plan counts
+    with its own kept-block LoRA (a hybrid plan's budget is its slots plus that LoRA); any other
+    plan is counted as FlexiGPT slots alone. Ties go to the smaller rank; at least 1.
     """
     sh = model_shapes(source)
-    flexi = plan if plan.method == "flexigpt" else plan.with_method("flexigpt")
-    budget = estimate_params(flexi.with_kept_lora(None), source).trainable
+    flexi = plan if plan.method == "flexigpt" else plan.with_method("flexigpt").with_kept_lora(None)
+    budget = estimate_params(flexi, source).trainable
     kept = len(flexi.kept_blocks)
     largest = max(min(o, i) for n, o, i in sh.matrices if not targets or n in targets)
     return min(range(1, largest + 1), key=lambda r: (abs(kept * sh.lora(r, targets) - budget), r))

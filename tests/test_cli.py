@@ -113,3 +113,36 @@ def test_build_recovers_a_model_without_chat_template_with_the_text_recipe(_tiny
     recovery = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["recovery"]
     assert (recovery["objective"], recovery["train_data"]) == (TEXT_RECIPE[0], str(tiny_text_file))
     assert recovery["final_loss"] is not None and recovery["final_loss"] > 0
+
+
+def test_build_fits_the_slots_of_a_model_without_chat_template_by_default(_tiny_llama_base, tiny_tokenizer,
+                                                                          tiny_text_file, tmp_path, capsys):
+    """No --fit-steps: a FlexiGPT plan of a model without a chat template gets the measured default
+    of block-local fitting (TEXT_FIT_STEPS per slot); --fit-steps 0 turns it off; a chat model fits none."""
+    import copy
+
+    from flexigpt.pipeline import TEXT_FIT_STEPS, default_fit_steps
+    from flexigpt.plan import Plan
+
+    plain = copy.deepcopy(tiny_tokenizer)
+    plain.chat_template = None
+    folders = {}
+    for name, tok in (("plain", plain), ("chat", tiny_tokenizer)):
+        folders[name] = tmp_path / name
+        _tiny_llama_base.save_pretrained(folders[name])
+        tok.save_pretrained(folders[name])
+
+    def fit_of(folder, *extra):
+        plan = tmp_path / f"{folder.name}.json"
+        plan.write_text(Plan(str(folder), 6, (0, 1, 1, 3, 3, 5)).to_json())
+        assert main(["build", "--plan", str(plan), "--out", str(tmp_path / f"m{len(extra)}{folder.name}"),
+                     "--seq-len", "16", "--eval-windows", "1", "--data", str(tiny_text_file), "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["fit"]
+
+    assert fit_of(folders["plain"])["fit_steps"] == TEXT_FIT_STEPS
+    assert "fit_steps" not in fit_of(folders["plain"], "--fit-steps", "0")  # whitened init only
+    assert "fit_steps" not in fit_of(folders["chat"])
+    flexi = Plan("tiny", 6, (0, 1, 1, 3, 3, 5))
+    assert default_fit_steps(flexi, False) == TEXT_FIT_STEPS and default_fit_steps(flexi, True) == 0
+    assert default_fit_steps(flexi.with_method("drop"), False) == 0
+    assert default_fit_steps(Plan.identity("tiny", 6), False) == 0  # nothing to fit

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flexigpt import evaluate
-from flexigpt.pipeline import build, needs_calibration, recipe
+from flexigpt.pipeline import build, drop_baseline, needs_calibration, recipe
 from flexigpt.plan import AdapterSpec, Plan
 
 
@@ -26,6 +26,25 @@ def test_recipe_gives_a_recovered_drop_plan_its_matched_kept_lora(tiny_model):
     assert recipe(flexi, tiny_model, recovering=True) == flexi
     assert recipe(drop, tiny_model, recovering=True, kept_lora_rank=3).kept_lora_rank == 3
     assert Plan.from_json(drop.with_kept_lora(3).to_json()).kept_lora_rank == 3
+
+
+def test_the_drop_baseline_of_a_hybrid_plan_matches_its_whole_trainable_count(tiny_model):
+    from flexigpt.params import measure_params
+    from flexigpt.surgery import apply_plan
+
+    flexi = Plan("tiny", 6, (0, 1, 1, 3, 3, 5), adapter=AdapterSpec(rank=2))
+    assert drop_baseline(flexi, tiny_model) == flexi.with_method("drop")  # rank matched at recovery
+    hybrid = flexi.with_kept_lora(1)
+    base = drop_baseline(hybrid, tiny_model)
+    assert base.method == "drop" and base.pruned_blocks == hybrid.pruned_blocks
+    budget = measure_params(apply_plan(tiny_model, hybrid)).trainable
+    slots_only = measure_params(apply_plan(tiny_model, flexi)).trainable
+    assert budget > slots_only  # the hybrid's kept LoRA is part of what the baseline must match
+
+    def gap(rank):
+        return abs(measure_params(apply_plan(tiny_model, base.with_kept_lora(rank))).trainable - budget)
+    rank = base.kept_lora_rank
+    assert rank > 1 and gap(rank) <= min(gap(rank - 1), gap(rank + 1))
 
 
 def test_whitened_build_needs_calibration_and_reports_the_fit(tiny_model):

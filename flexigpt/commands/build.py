@@ -30,9 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kept-lora-rank", type=int, default=None,
                    help="LoRA rank on the kept blocks (default: the plan's; for a recovered drop plan without one, "
                         "matched to the FlexiGPT budget)")
-    p.add_argument("--fit-steps", type=int, default=0,
+    p.add_argument("--fit-steps", type=int, default=None,
                    help="block-local fitting: train each replacement slot alone for N steps to reproduce its pruned "
-                        "block's output on calibration text, before recovery (0 = none)")
+                        "block's output on calibration text, before recovery (0 = none; default: the measured "
+                        "best for the model, flexigpt.pipeline.default_fit_steps: 200 for a FlexiGPT plan of a "
+                        "model without a chat template, else none)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT-checkpoint")
     add_data_arguments(p)
     p.add_argument("--train-windows", type=int, default=None, help="use at most this many training windows")
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> dict | None:
 
     if not isinstance(args.steps, int) or args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
-    if not isinstance(args.fit_steps, int) or not 0 <= args.fit_steps <= 100_000:
+    if args.fit_steps is not None and (not isinstance(args.fit_steps, int) or not 0 <= args.fit_steps <= 100_000):
         raise ValueError(f"--fit-steps must be in 0..100000, got {args.fit_steps}")
     if args.chat_share is not None and not 0.0 < args.chat_share < 1.0:
         raise ValueError(f"--chat-share must be between 0 and 1 (exclusive), got {args.chat_share}")
