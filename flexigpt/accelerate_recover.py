@@ -156,8 +156,8 @@ def run(args: argparse.Namespace) -> dict | None:
 
     # imported on first use: keeps importing this module light; the recipe is the one `build` uses
     from flexigpt.models import load_model
-    from flexigpt.pipeline import (CHAT_LOSS, CHAT_SHARE, build, default_fit_steps, default_recovery,
-                                   needs_calibration, recipe)
+    from flexigpt.pipeline import CHAT_LOSS, CHAT_SHARE, build, default_fit_steps, default_recovery
+    from flexigpt.pipeline import needs_calibration, recipe
     from flexigpt.plan import Plan
     from flexigpt.recovery_data import RECOVERY_SOURCES, has_chat_template, recovery_windows
 
