@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> dict | None:
     # imported on first use: keeps importing this module light; the recipe is the one `build` uses
     from flexigpt.models import load_model
     from flexigpt.pipeline import CHAT_LOSS, CHAT_SHARE, build, default_fit_steps, default_recovery
-    from flexigpt.pipeline import needs_calibration, recipe
+    from flexigpt.pipeline import check_fit_steps, needs_calibration, recipe
     from flexigpt.plan import Plan
     from flexigpt.recovery_data import RECOVERY_SOURCES, has_chat_template, recovery_windows
 
@@ -167,8 +167,7 @@ def run(args: argparse.Namespace) -> dict | None:
     if not 0.0 < share < 1.0:
         raise ValueError(f"--chat-share must be between 0 and 1 (exclusive), got {share}")
     chat_loss = args.chat_loss or CHAT_LOSS
-    if args.fit_steps is not None and not 0 <= args.fit_steps <= 100_000:
-        raise ValueError(f"--fit-steps must be in 0..100000, got {args.fit_steps}")
+    check_fit_steps(args.fit_steps)
     if args.dtype != "float32" and acc.mixed_precision == "no":
         raise ValueError(f"--dtype {args.dtype} needs mixed precision (autocast); use --mixed-precision bf16 or fp16")
     loaded = load_model(args.model, dtype=args.dtype)

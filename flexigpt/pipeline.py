@@ -37,7 +37,7 @@ from flexigpt.surgery import apply_plan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHAT_LOSS", "CHAT_LOSSES", "CHAT_RECIPE", "CHAT_SHARE", "TEXT_FIT_STEPS", "TEXT_RECIPE", "RunOptions", "build", "default_fit_steps", "default_recovery",
+__all__ = ["CHAT_LOSS", "CHAT_LOSSES", "CHAT_RECIPE", "CHAT_SHARE", "TEXT_FIT_STEPS", "TEXT_RECIPE", "RunOptions", "build", "check_fit_steps", "default_fit_steps", "default_recovery",
            "drop_baseline", "needs_calibration", "recipe",
            "recover_model", "run"]
 
@@ -75,6 +75,12 @@ CHAT_LOSS = "all"
 # Chat models get none: fitting on the recovery data cost chat answers every time it was measured
 # (18 of 73 against 22 and 20), while it buys held-out perplexity.
 TEXT_FIT_STEPS = 200
+
+
+def check_fit_steps(fit_steps: int | None) -> None:
+    """Refuse a ``--fit-steps`` value outside 0..100000 (``None``: the model's default)."""
+    if fit_steps is not None and (not isinstance(fit_steps, int) or not 0 <= fit_steps <= 100_000):
+        raise ValueError(f"--fit-steps must be in 0..100000, got {fit_steps}")
 
 
 def default_fit_steps(plan: Plan, chat_model: bool) -> int:

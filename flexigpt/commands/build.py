@@ -50,15 +50,14 @@ def _distributed() -> bool:
 
 def run(args: argparse.Namespace) -> dict | None:
     # torch-heavy: loaded only when the command runs, so `--help` stays fast
-    from flexigpt.pipeline import RunOptions
+    from flexigpt.pipeline import RunOptions, check_fit_steps
     from flexigpt.pipeline import run as run_pipeline
     from flexigpt.plan import Plan
     from flexigpt.recover_spec import from_args
 
     if not isinstance(args.steps, int) or args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
-    if args.fit_steps is not None and (not isinstance(args.fit_steps, int) or not 0 <= args.fit_steps <= 100_000):
-        raise ValueError(f"--fit-steps must be in 0..100000, got {args.fit_steps}")
+    check_fit_steps(args.fit_steps)
     if args.chat_share is not None and not 0.0 < args.chat_share < 1.0:
         raise ValueError(f"--chat-share must be between 0 and 1 (exclusive), got {args.chat_share}")
     if args.eval_windows < 1:
