@@ -41,6 +41,7 @@ __all__ = ["CHECKPOINT_NAME", "RecoverSpec", "StepLog", "load_trainable", "recov
 
 # Fields that may differ between a checkpoint and the run that resumes it.
 _RESUME_FREE = ("checkpoint_every",)
+_RESUME_ADDED = {"hidden_layers": "last"}  # spec fields added after checkpoints were written, as those ran
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,35 @@ def _indices(seed: int, n: int, start: int, count: int, perms: dict[int, torch.T
     return torch.stack(out)
 
 
-def _tail_hook(store: dict[str, torch.Tensor], key: str):
+def _tail_hook(store: dict[tuple[str, int], torch.Tensor], key: tuple[str, int]):
     def hook(_module, _args, output):
         store[key] = output[0] if isinstance(output, (tuple, list)) else output
 
     return hook
+
+
+def _hidden_error(s: torch.Tensor, t: torch.Tensor, *, per_token: bool) -> torch.Tensor:
+    """Scale-free squared error of block outputs ``s`` against the teacher's ``t`` (B, T, D).
+
+    ``per_token=False``: the MSE over every element divided by the teacher's mean square (the
+    tail term as FoldGPT's cure was measured). ``per_token=True``: each token's squared error
+    divided by its own teacher norm, averaged over tokens. The middle blocks of SmolLM2 carry a
+    massive activation on the first token (about 22,500 against an RMS near 58), which would
+    otherwise make the whole mean square and leave every other token's error a rounding error."""
+    if not per_token:
+        return F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-8)
+    return ((s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-8)).mean()
+
+
+def _hidden_pairs(student: Any, teacher: Any, layers: str) -> list[tuple[nn.Module, nn.Module]]:
+    """(student block, teacher block) pairs whose outputs the hidden-state term matches."""
+    if layers == "last":
+        return [(student[-1], teacher[-1])]
+    if len(student) != len(teacher):
+        raise ValueError(f"recover.hidden_layers 'all' matches every block's output, so the model needs as many "
+                         f"blocks as the original ({len(teacher)}); it has {len(student)} (use 'last', or a plan "
+                         f"whose pruned blocks all become replacement slots)")
+    return list(zip(student, teacher))
 
 
 def _window_mask(windows: Any, ids: torch.Tensor) -> torch.Tensor | None:
@@ -135,8 +160,11 @@ def _objective(model, teacher, batch, spec: RecoverSpec, tails: dict, autocast,
                 kl = (per_token * learn).sum() / learn.sum().clamp_min(1)
             loss = loss + spec.kd_weight * kl * temp * temp
         if spec.hidden_weight > 0:
-            s, t = tails["student"].float(), tails["teacher"].float()  # (B, T, D)
-            loss = loss + spec.hidden_weight * F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-8)
+            terms = []
+            for key in sorted(k for k in tails if k[0] == "student"):
+                s, t = tails[key].float(), tails[("teacher", key[1])].float()  # (B, T, D)
+                terms.append(_hidden_error(s, t, per_token=spec.hidden_layers == "all"))
+            loss = loss + spec.hidden_weight * torch.stack(terms).mean()
     return loss
 
 
@@ -210,7 +238,7 @@ def recover(
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start, cursor, elapsed0 = 0, 0, 0.0
     if resume and (ckpt_dir / CHECKPOINT_NAME).is_file():
-        state = load_checkpoint(ckpt_dir / CHECKPOINT_NAME, spec.to_dict(), data, world, _RESUME_FREE)
+        state = load_checkpoint(ckpt_dir / CHECKPOINT_NAME, spec.to_dict(), data, world, _RESUME_FREE, _RESUME_ADDED)
         copy_into(params, state["trainable"], f"recovery checkpoint {str(ckpt_dir / CHECKPOINT_NAME)!r}")
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -227,11 +255,13 @@ def recover(
     if acc:
         train_model, opt = acc.prepare(model, opt)  # the scheduler is stepped by hand, once per step
     autocast = acc.autocast if acc else contextlib.nullcontext
-    tails: dict[str, torch.Tensor] = {}
+    tails: dict[tuple[str, int], torch.Tensor] = {}
     hooks = []
     if spec.objective != "lm" and spec.hidden_weight > 0:
-        hooks = [get_blocks(model)[-1].register_forward_hook(_tail_hook(tails, "student")),
-                 get_blocks(teacher)[-1].register_forward_hook(_tail_hook(tails, "teacher"))]
+        pairs = _hidden_pairs(get_blocks(model), get_blocks(teacher), spec.hidden_layers)
+        hooks = [h for i, (s, t) in enumerate(pairs)
+                 for h in (s.register_forward_hook(_tail_hook(tails, ("student", i))),
+                           t.register_forward_hook(_tail_hook(tails, ("teacher", i))))]
     was_training = model.training
     model.train()
     if teacher is not None:

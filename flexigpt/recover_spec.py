@@ -12,9 +12,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["OBJECTIVES", "RecoverSpec", "add_arguments", "from_args"]
+__all__ = ["HIDDEN_LAYERS", "OBJECTIVES", "RecoverSpec", "add_arguments", "from_args"]
 
 OBJECTIVES = ("lm", "distill", "mix")
+HIDDEN_LAYERS = ("last", "all")
 
 
 def _bad(name: str, value: Any, valid: str) -> ValueError:
@@ -51,8 +52,11 @@ class RecoverSpec:
             ``hidden_weight`` * hidden MSE against a teacher) or ``mix`` (cross-entropy plus both).
         kd_temperature: softmax temperature of the logit KL (scaled by T^2, Hinton et al.).
         kd_weight: weight of the logit KL term.
-        hidden_weight: weight of the tail term: MSE between the last block's outputs (before
-            the final norm), divided by the teacher's mean square so the weight is scale-free.
+        hidden_weight: weight of the hidden-state term: MSE between block outputs (before the
+            final norm), divided by the teacher's mean square so the weight is scale-free.
+        hidden_layers: which block outputs that term matches: ``last`` (the last block's, tail
+            distillation) or ``all`` (every block's, averaged; the model must have as many blocks
+            as the original, as replacement slots keep it).
         clip: max global gradient norm, or ``None`` for no clipping.
         weight_decay: AdamW decay, applied to matrices only (never to norms or biases).
         betas: AdamW betas.
@@ -81,7 +85,10 @@ class RecoverSpec:
         "lm", "recovery loss: language modelling, distillation from the original model, or both", choices=OBJECTIVES)
     kd_temperature: float = _f(1.0, "distillation temperature")
     kd_weight: float = _f(2.0, "weight of the logit distillation term")
-    hidden_weight: float = _f(0.0, "weight of the last-block hidden-state matching term (tail distillation)")
+    hidden_weight: float = _f(0.0, "weight of the hidden-state matching term (block outputs against the original's)")
+    hidden_layers: Literal["last", "all"] = _f(
+        "last", "which block outputs the hidden-state term matches: the last block's, or every block's (needs as many "
+        "blocks as the original, as replacement slots keep)", choices=HIDDEN_LAYERS)
     clip: float | None = _f(1.0, "max global gradient norm (0 = no clipping)")
     weight_decay: float = _f(0.0, "AdamW weight decay of the adapter matrices")
     betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas", cli=False)
@@ -102,6 +109,8 @@ class RecoverSpec:
             raise _bad("warmup", w, f"a fraction in [0, 1) or a whole number of steps in [1, {self.steps}]")
         if self.objective not in OBJECTIVES:
             raise _bad("objective", self.objective, "one of 'lm', 'distill', 'mix'")
+        if self.hidden_layers not in HIDDEN_LAYERS:
+            raise _bad("hidden_layers", self.hidden_layers, "one of 'last', 'all'")
         if not _is_num(self.kd_temperature) or self.kd_temperature <= 0:
             raise _bad("kd_temperature", self.kd_temperature, "a number > 0")
         for name in ("kd_weight", "hidden_weight", "weight_decay"):
@@ -133,7 +142,7 @@ class RecoverSpec:
 
 
 _TYPES = {"steps": int, "batch_size": int, "grad_accum": int, "seq_len": int, "seed": int, "checkpoint_every": int,
-          "objective": str}
+          "objective": str, "hidden_layers": str}
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, defaults: dict[str, Any] | None = None,

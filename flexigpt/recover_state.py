@@ -86,7 +86,8 @@ def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
     return final
 
 
-def load_checkpoint(path: Path, spec: dict[str, Any], data: str, world: int, free: tuple[str, ...] = ()) -> dict[str, Any]:
+def load_checkpoint(path: Path, spec: dict[str, Any], data: str, world: int, free: tuple[str, ...] = (),
+                    added: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read a checkpoint and check it belongs to this run.
 
     Args:
@@ -94,6 +95,8 @@ def load_checkpoint(path: Path, spec: dict[str, Any], data: str, world: int, fre
         spec: this run's ``RecoverSpec.to_dict()``; every field except those in ``free`` must match.
         data: this run's window digest.
         world: this run's number of processes.
+        free: fields that may differ.
+        added: fields newer than some checkpoints, with the value an older checkpoint ran with.
 
     Raises:
         ValueError: a corrupt file, another format, or other settings/windows/process count.
@@ -109,7 +112,7 @@ def load_checkpoint(path: Path, spec: dict[str, Any], data: str, world: int, fre
     if missing:
         raise ValueError(f"{where} is incomplete (missing {missing})")
     saved = state["spec"]
-    norm = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    norm = {**(added or {}), **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}}
     diff = {k: (norm.get(k), v) for k, v in spec.items() if k not in free and norm.get(k) != v}
     if diff:
         raise ValueError(f"{where} was written with other settings (checkpoint, now): {diff}")

@@ -150,6 +150,27 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(tiny_model, tmp_path)
         list(recover(_lora(copy.deepcopy(tiny_model)), ids, spec, checkpoint_dir=tmp_path, resume=True))
 
 
+def test_resumes_a_checkpoint_written_before_hidden_layers_existed(tiny_model, tmp_path):
+    """A checkpoint whose spec lacks a newer field resumes when this run uses the value it ran with,
+    and stays a settings error when it does not."""
+    ids = _windows(n=6)
+    spec = RecoverSpec(steps=4, lr=1e-2, batch_size=2, seq_len=16, warmup=0, checkpoint_every=1)
+    seen = []
+    for record in recover(_lora(copy.deepcopy(tiny_model)), ids, spec, checkpoint_dir=tmp_path,
+                          should_stop=lambda: len(seen) >= 2):
+        seen.append(record)
+    path = tmp_path / CHECKPOINT_NAME
+    state = torch.load(path, weights_only=True)
+    del state["spec"]["hidden_layers"]  # as written before the field existed
+    torch.save(state, path)
+    assert [x.step for x in recover(_lora(copy.deepcopy(tiny_model)), ids, spec, checkpoint_dir=tmp_path,
+                                    resume=True)] == [3, 4]
+    state["spec"]["hidden_layers"] = "all"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="other settings.*hidden_layers"):
+        list(recover(_lora(copy.deepcopy(tiny_model)), ids, spec, checkpoint_dir=tmp_path, resume=True))
+
+
 def test_trainable_file_round_trip(tiny_model, tmp_path):
     model = _lora(copy.deepcopy(tiny_model))
     list(recover(model, _windows(n=4), RecoverSpec(steps=2, lr=1e-2, batch_size=4, seq_len=16, warmup=0)))
@@ -204,3 +225,50 @@ def test_recovers_a_flexigpt_build_and_keeps_sharing(tiny_model):
     donor = base.model.layers[2].mlp.up_proj.weight
     slot = model.model.layers[3].mlp.up_proj.base_layer.weight
     assert slot.data_ptr() == donor.data_ptr()  # still shared, not copied, after training
+
+
+def test_hidden_layers_all_matches_every_block_output(tiny_model):
+    """``hidden_layers='all'``: the hidden term is the mean over blocks of each block's scale-free
+    MSE, so an undamaged student scores zero there and one damaged block raises it."""
+    from flexigpt.recover import _hidden_pairs, _objective, _tail_hook
+
+    teacher = copy.deepcopy(tiny_model)
+    student = copy.deepcopy(tiny_model)
+    batch = _windows(n=2)
+    spec = RecoverSpec(steps=1, batch_size=2, seq_len=16, objective="distill", kd_weight=0.0, hidden_weight=1.0,
+                       hidden_layers="all")
+
+    def hidden_loss():
+        tails, hooks = {}, []
+        pairs = _hidden_pairs(student.model.layers, teacher.model.layers, "all")
+        assert len(pairs) == len(teacher.model.layers)
+        for i, (s, t) in enumerate(pairs):
+            hooks += [s.register_forward_hook(_tail_hook(tails, ("student", i))),
+                      t.register_forward_hook(_tail_hook(tails, ("teacher", i)))]
+        try:
+            with torch.no_grad():
+                return float(_objective(student, teacher, batch, spec, tails, torch.no_grad))
+        finally:
+            for h in hooks:
+                h.remove()
+
+    assert hidden_loss() == pytest.approx(0.0, abs=1e-10)
+    with torch.no_grad():
+        student.model.layers[-1].mlp.down_proj.weight.mul_(-3.0)  # damage only the last block
+    last_only = hidden_loss()
+    assert last_only > 0
+    with torch.no_grad():
+        student.model.layers[1].mlp.down_proj.weight.mul_(-3.0)  # and an early one: every later output moves
+    assert hidden_loss() > last_only
+
+
+def test_hidden_layers_all_needs_the_original_depth(tiny_model):
+    teacher = copy.deepcopy(tiny_model)
+    student = copy.deepcopy(tiny_model)
+    del student.model.layers[2]  # a plain drop: one block fewer than the original
+    student = _lora(student, blocks=(1,))
+    spec = RecoverSpec(steps=1, batch_size=2, seq_len=16, objective="mix", hidden_weight=1.0, hidden_layers="all")
+    with pytest.raises(ValueError, match=r"hidden_layers 'all'.*as many blocks as the original \(\d+\); it has \d+"):
+        list(recover(student, _windows(n=2), spec, teacher=teacher))
+    with pytest.raises(ValueError, match=r"recover.hidden_layers must be one of 'last', 'all', got 'some'"):
+        RecoverSpec(hidden_layers="some")
