@@ -13,7 +13,9 @@ next-token loss, except where a row names its own):
                              (flexigpt.pipeline.TEXT_RECIPE, when it is not --objective)
 - flexigpt r8 (svd, one lr)  FlexiGPT as first shipped: SVD init, LayerNorm output norms, one
                              learning rate for everything
-- flexigpt r8 (defaults)     what `plan` then `build --steps N` gives with no other flag (whitened
+- flexigpt r8 budget (defaults)  what `plan` then `build --steps N` gives a text model with no other
+                             flag: the r8 budget split into r6 slots + a rank-1 LoRA on the kept
+                             blocks (flexigpt.plan.budget), whitened
                              init with closed-form output scales, per-feature scale output norms,
                              gate learning-rate multiplier, no donor where the analysis' function
                              metric finds the block's own rank-r fit better than any donor,
@@ -21,7 +23,9 @@ next-token loss, except where a row names its own):
                              flexigpt.pipeline.TEXT_FIT_STEPS and TEXT_RECIPE); also with --objective
                              (each slot reads what reaches it in the built model while it is fitted;
                              --fit-inputs original: what enters its pruned block in the original model)
-- flexigpt r8 (no fit)       the defaults without block-local fitting (the defaults until 2026-12-06)
+- flexigpt r8 (r8 slots alone)  the same with r8 slots and no kept-block LoRA (the defaults until
+                             2026-12-06, and still what a chat model's plan gets)
+- flexigpt r8 (no fit)       r8 slots without block-local fitting (the defaults until 2026-12-06)
 - flexigpt r8 (svd, layernorm, gate lr)  the previous defaults
 - flexigpt r8 shared donors  every slot shares its best donor (`plan --keep-donors`): does sharing
                              a donor help at all?
@@ -67,6 +71,7 @@ from flexigpt.models import load_model  # noqa: E402
 from flexigpt.params import estimate_params, matched_lora_rank, measure_params  # noqa: E402
 from flexigpt.pipeline import TEXT_RECIPE, build, default_fit_steps, needs_calibration, recover_model  # noqa: E402
 from flexigpt.plan import AdapterSpec, Plan, plan_from_analysis  # noqa: E402
+from flexigpt.plan.budget import text_model_budget  # noqa: E402
 from flexigpt.recover import RecoverSpec  # noqa: E402
 from flexigpt.slot_fit import FIT_INPUTS, fit_slots  # noqa: E402
 
@@ -106,8 +111,14 @@ def _rows(args, analysis, base) -> tuple[list[Row], Plan]:
                     spec={"gate_lr_scale": 1.0}))
     fit = default_fit_steps(first, chat_model=False)  # `build`'s local fit for a model recovering on its text
     inputs = "" if args.fit_inputs == "built" else f" on {args.fit_inputs} inputs"
-    rows.append(Row(f"flexigpt r8 (defaults: {defaults.init}, {defaults.out_norm}, gate lr, fit {fit}{inputs}, "
-                    f"{objective})", first, spec={"objective": objective}, fit_steps=fit))
+    hybrid = text_model_budget(first)  # `plan`'s split of the r8 budget for a model without a chat template
+    split = f"r{hybrid.adapter.rank} slots + kept LoRA r{hybrid.kept_lora_rank}, " if hybrid != first else ""
+    rows.append(Row(f"flexigpt r8 budget (defaults: {split}{defaults.init}, {defaults.out_norm}, gate lr, "
+                    f"fit {fit}{inputs}, {objective})", hybrid, spec={"objective": objective}, fit_steps=fit))
+    if hybrid != first:
+        rows.append(Row(f"flexigpt r8 (r8 slots alone, {defaults.init}, {defaults.out_norm}, gate lr, fit {fit}{inputs}, "
+                        f"{objective}: the defaults until 2026-12-06)", first, spec={"objective": objective},
+                        fit_steps=fit))
     if objective != args.objective:
         rows.append(Row(f"flexigpt r8 ({defaults.init}, {defaults.out_norm}, gate lr, fit {fit}{inputs}, "
                         f"{args.objective})", first, fit_steps=fit))

@@ -50,6 +50,7 @@ from flexigpt.arch import get_blocks
 from flexigpt.atomic import write_text
 from flexigpt.function_share import FUNCTION_METRIC, function_share_error
 from flexigpt.models import cache_dir, fingerprint
+from flexigpt.recovery_data import has_chat_template
 from flexigpt.scoring import ppl_drop as run_ppl_drop
 from flexigpt.scoring import score_blocks
 from flexigpt.sharing import DONOR_METRICS, block_weights, choose_donors, degeneracy_warning, max_rank, share_error
@@ -304,6 +305,7 @@ def analyze(
             payload = json.loads(path.read_text(encoding="utf-8"))
             payload["cached"] = True
             payload["model"] = model_ref
+            payload["chat_template"] = has_chat_template(tokenizer)
             report(1.0, "loaded from cache")
             return Analysis.from_dict(payload)
         except (OSError, ValueError) as err:  # a damaged cache entry is recomputed, never trusted
@@ -358,6 +360,7 @@ def analyze(
         "angular_distance": {"max_span": int(scores.angular_distance.shape[0]), "values": scores.angular_rows()},
         "similarity": scores.similarity.tolist(), "ppl_drop": drop, "share_error": share_obj,
         "donor_suggestion": donors_block, "timings_s": {k: round(v, 4) for k, v in timings.items()}, "cached": False,
+        "chat_template": has_chat_template(tokenizer),
     }
     if use_cache:
         write_json(payload, path)
