@@ -23,8 +23,8 @@ next-token loss, except where a row names its own):
                              flexigpt.pipeline.TEXT_FIT_STEPS and TEXT_RECIPE); also with --objective
                              (each slot reads what reaches it in the built model while it is fitted;
                              --fit-inputs original: what enters its pruned block in the original model)
-- flexigpt r8 (r8 slots alone)  the same with r8 slots and no kept-block LoRA (the defaults until
-                             2026-12-06, and still what a chat model's plan gets)
+- flexigpt r8 (r8 slots alone)  the same with r8 slots and no kept-block LoRA (the text defaults before
+                             the split, and still what a chat model's plan gets)
 - flexigpt r8 (no fit)       r8 slots without block-local fitting (the defaults until 2026-12-06)
 - flexigpt r8 (svd, layernorm, gate lr)  the previous defaults
 - flexigpt r8 shared donors  every slot shares its best donor (`plan --keep-donors`): does sharing
@@ -117,7 +117,7 @@ def _rows(args, analysis, base) -> tuple[list[Row], Plan]:
                     f"fit {fit}{inputs}, {objective})", hybrid, spec={"objective": objective}, fit_steps=fit))
     if hybrid != first:
         rows.append(Row(f"flexigpt r8 (r8 slots alone, {defaults.init}, {defaults.out_norm}, gate lr, fit {fit}{inputs}, "
-                        f"{objective}: the defaults until 2026-12-06)", first, spec={"objective": objective},
+                        f"{objective}: the text defaults before the split)", first, spec={"objective": objective},
                         fit_steps=fit))
     if objective != args.objective:
         rows.append(Row(f"flexigpt r8 ({defaults.init}, {defaults.out_norm}, gate lr, fit {fit}{inputs}, "

@@ -52,11 +52,12 @@ class RecoverSpec:
             ``hidden_weight`` * hidden MSE against a teacher) or ``mix`` (cross-entropy plus both).
         kd_temperature: softmax temperature of the logit KL (scaled by T^2, Hinton et al.).
         kd_weight: weight of the logit KL term.
-        hidden_weight: weight of the hidden-state term: MSE between block outputs (before the
-            final norm), divided by the teacher's mean square so the weight is scale-free.
-        hidden_layers: which block outputs that term matches: ``last`` (the last block's, tail
-            distillation) or ``all`` (every block's, averaged; the model must have as many blocks
-            as the original, as replacement slots keep it).
+        hidden_weight: weight of the hidden-state term: squared error of block outputs (before
+            the final norm) against the original's, made scale-free.
+        hidden_layers: which block outputs that term matches: ``last`` (the last block's MSE
+            divided by the teacher's mean square: tail distillation) or ``all`` (every block's,
+            each token's error divided by its own norm, averaged; the model must have as many
+            blocks as the original, as replacement slots keep it).
         clip: max global gradient norm, or ``None`` for no clipping.
         weight_decay: AdamW decay, applied to matrices only (never to norms or biases).
         betas: AdamW betas.

@@ -4,8 +4,9 @@
 those ranks to a rank-1 LoRA on every kept block ("hybrid"): 783,936 trainable parameters on the
 embedded model's default plan, against 753,408 for r8 slots alone and 854,784 for the matched
 drop + LoRA baseline. Measured with the text recipe (200 local-fit steps, ``mix`` at KL weight 2,
-100 steps; bench/RESULTS.md, "A hybrid budget: the text defaults"): 17.84 in-domain / 130.87 on
-the other text, against 18.33 / 135.83 for r8 slots alone and 19.49 / 133.51 for drop + LoRA.
+100 steps; bench/RESULTS.md, "A hybrid budget: the text defaults"): 17.84 in-domain / 130.86 on
+the other text, against 19.48 / 134.37 for drop + LoRA in the same bench run and 18.33 / 135.83 for
+r8 slots alone.
 Chat models keep r8 slots alone: the hybrid answered fewer fidelity questions with more looping
 replies (18 of 73 with 9 loops against 20 with 2, in the chat recipe).
 """
