@@ -156,8 +156,8 @@ def run(args: argparse.Namespace) -> dict | None:
 
     # imported on first use: keeps importing this module light; the recipe is the one `build` uses
     from flexigpt.models import load_model
-    from flexigpt.pipeline import CHAT_LOSS, CHAT_SHARE, build, default_fit_steps, default_recovery
-    from flexigpt.pipeline import check_fit_steps, needs_calibration, recipe
+    from flexigpt.pipeline import CHAT_LOSS, CHAT_SHARE, build, check_fit_steps, default_recovery
+    from flexigpt.pipeline import needs_calibration, recipe, resolve_fit_steps
     from flexigpt.plan import Plan
     from flexigpt.recovery_data import RECOVERY_SOURCES, has_chat_template, recovery_windows
 
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> dict | None:
     if args.plan:
         plan = recipe(Plan.from_json(Path(args.plan).read_text(encoding="utf-8")), base, recovering=True,
                       kept_lora_rank=args.kept_lora)
-        fit_steps = default_fit_steps(plan, has_chat_template(tok)) if args.fit_steps is None else args.fit_steps
+        fit_steps = resolve_fit_steps(plan, args.fit_steps, tok)
         calibration = None
         if needs_calibration(plan, fit_steps):
             with acc.main_process_first():

@@ -38,7 +38,7 @@ from flexigpt.surgery import apply_plan
 log = logging.getLogger(__name__)
 
 __all__ = ["CHAT_LOSS", "CHAT_LOSSES", "CHAT_RECIPE", "CHAT_SHARE", "TEXT_FIT_STEPS", "TEXT_RECIPE", "RunOptions", "build", "check_fit_steps", "default_fit_steps", "default_recovery",
-           "drop_baseline", "needs_calibration", "recipe",
+           "drop_baseline", "needs_calibration", "recipe", "resolve_fit_steps",
            "recover_model", "run"]
 
 
@@ -92,6 +92,11 @@ def default_fit_steps(plan: Plan, chat_model: bool) -> int:
     if chat_model or plan.method != "flexigpt" or not plan.replaced_slots:
         return 0
     return TEXT_FIT_STEPS
+
+
+def resolve_fit_steps(plan: Plan, fit_steps: int | None, tokenizer: Any) -> int:
+    """``fit_steps`` as given, or the model's default (``default_fit_steps``) when ``None``."""
+    return default_fit_steps(plan, has_chat_template(tokenizer)) if fit_steps is None else fit_steps
 
 
 def default_recovery(chat_model: bool) -> tuple[str, str | None]:
@@ -247,9 +252,7 @@ def run(plan: Plan, options: RunOptions, spec: RecoverSpec | None = None, *, bas
     context = getattr(base.config, "max_position_embeddings", None)
     built = recipe(plan, base, recovering=spec is not None, kept_lora_rank=options.kept_lora_rank)
     train_ref = options.train_data or options.data
-    fit_steps = options.fit_steps
-    if fit_steps is None:
-        fit_steps = default_fit_steps(built, has_chat_template(tokenizer))
+    fit_steps = resolve_fit_steps(built, options.fit_steps, tokenizer)
     calibration = None
     if needs_calibration(built, fit_steps):
         calibration = recovery_windows(base, tokenizer, train_ref, text=options.data, seq_len=options.seq_len,
