@@ -87,7 +87,7 @@ def _indices(seed: int, n: int, start: int, count: int, perms: dict[int, torch.T
     return torch.stack(out)
 
 
-def _tail_hook(store: dict[tuple[str, int], torch.Tensor], key: tuple[str, int]):
+def _output_hook(store: dict[tuple[str, int], torch.Tensor], key: tuple[str, int]):
     def hook(_module, _args, output):
         store[key] = output[0] if isinstance(output, (tuple, list)) else output
 
@@ -260,8 +260,8 @@ def recover(
     if spec.objective != "lm" and spec.hidden_weight > 0:
         pairs = _hidden_pairs(get_blocks(model), get_blocks(teacher), spec.hidden_layers)
         hooks = [h for i, (s, t) in enumerate(pairs)
-                 for h in (s.register_forward_hook(_tail_hook(tails, ("student", i))),
-                           t.register_forward_hook(_tail_hook(tails, ("teacher", i))))]
+                 for h in (s.register_forward_hook(_output_hook(tails, ("student", i))),
+                           t.register_forward_hook(_output_hook(tails, ("teacher", i))))]
     was_training = model.training
     model.train()
     if teacher is not None:

@@ -230,7 +230,7 @@ def test_recovers_a_flexigpt_build_and_keeps_sharing(tiny_model):
 def test_hidden_layers_all_matches_every_block_output(tiny_model):
     """``hidden_layers='all'``: the hidden term is the mean over blocks of each block's scale-free
     MSE, so an undamaged student scores zero there and one damaged block raises it."""
-    from flexigpt.recover import _hidden_pairs, _objective, _tail_hook
+    from flexigpt.recover import _hidden_pairs, _objective, _output_hook
 
     teacher = copy.deepcopy(tiny_model)
     student = copy.deepcopy(tiny_model)
@@ -243,8 +243,8 @@ def test_hidden_layers_all_matches_every_block_output(tiny_model):
         pairs = _hidden_pairs(student.model.layers, teacher.model.layers, "all")
         assert len(pairs) == len(teacher.model.layers)
         for i, (s, t) in enumerate(pairs):
-            hooks += [s.register_forward_hook(_tail_hook(tails, ("student", i))),
-                      t.register_forward_hook(_tail_hook(tails, ("teacher", i)))]
+            hooks += [s.register_forward_hook(_output_hook(tails, ("student", i))),
+                      t.register_forward_hook(_output_hook(tails, ("teacher", i)))]
         try:
             with torch.no_grad():
                 return float(_objective(student, teacher, batch, spec, tails, torch.no_grad))
