@@ -6,7 +6,7 @@ import json
 import pytest
 
 from flexigpt.plan import AdapterSpec, Plan
-from flexigpt.plan.budget import TEXT_KEPT_LORA_RANK, TEXT_SLOT_RANK, text_model_budget
+from flexigpt.plan.budget import TEXT_KEPT_LORA_RANK, TEXT_SLOT_RANK, text_model_budget, with_chosen_rank
 
 _BI = [0.9, 0.1, 0.05, 0.3, 0.02, 0.5]
 
@@ -63,3 +63,38 @@ def test_analysis_records_whether_the_model_has_a_chat_template(tiny_model, tiny
         assert again["cached"] and again["chat_template"] is False  # read from the cache, then told
     finally:
         tiny_tokenizer.chat_template = template
+
+
+def test_a_rank_chosen_by_hand_undoes_the_split_and_nothing_else():
+    split = text_model_budget(_flexi())
+    chosen = with_chosen_rank(split, 8)
+    assert (chosen.adapter.rank, chosen.kept_lora_rank, chosen.note("budget")) == (8, None, None)
+    assert chosen.layer_map == split.layer_map
+    own = _flexi().with_kept_lora(2)  # a kept LoRA the user asked for is theirs: it stays
+    assert (with_chosen_rank(own, 4).adapter.rank, with_chosen_rank(own, 4).kept_lora_rank) == (4, 2)
+
+
+@pytest.mark.parametrize("chat_template,expected", [(False, (6, 1)), (True, (8, None)), (None, (8, None))])
+def test_app_plan_tab_splits_a_text_models_budget_as_the_cli_does(request_, chat_template, expected):
+    """The app proposes what `plan` proposes; the rank box then shows the plan's rank, and a rank
+    typed there is the user's choice (no split), as `plan --rank` is."""
+    from app import session
+    from app.tabs import plan as plan_tab
+
+    analysis = {"format_version": 1, "model": "default", "num_blocks": 6, "block_influence": _BI}
+    if chat_template is not None:
+        analysis["chat_template"] = chat_template
+    session.work(request_.session_hash).analysis = analysis
+    plan = plan_tab.on_propose(0.34, "FlexiGPT (share a donor + adapter)", 8, request_)
+    assert (plan.adapter.rank, plan.kept_lora_rank) == expected
+    assert plan_tab.rank_box(plan)["value"] == expected[0]
+    assert plan_tab.on_rank(plan, expected[0]) == plan  # the box left as shown changes nothing
+    typed = plan_tab.on_rank(plan, 8 if expected[0] != 8 else 4)
+    assert typed.kept_lora_rank is None and typed.note("budget") is None
+    if expected[1]:
+        lines = plan_tab.plan_message(plan, {"num_parameters": 10 ** 6}, _Counts())
+        assert "rank-1 LoRA" in lines and "no chat template" in lines
+
+
+class _Counts:
+    stored = run = 10 ** 5

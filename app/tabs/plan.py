@@ -53,7 +53,16 @@ def on_propose(ratio: float, method_label: str, rank: int, request: gr.Request =
             return foldgpt_plan(str(analysis["model"]), gates, ratio, size, adapter=AdapterSpec(rank=rank),
                                 notes={"gates_steps": steps, "analysis_data": analysis.get("data")})
         return plan_from_analysis(analysis, ratio, method="foldgpt", adapter=AdapterSpec(rank=rank), group_size=size)
-    return plan_from_analysis(analysis, ratio, method=method, adapter=AdapterSpec(rank=rank, align=bool(align)))
+    return _budget(analysis, plan_from_analysis(analysis, ratio, method=method,
+                                                adapter=AdapterSpec(rank=rank, align=bool(align))))
+
+
+def _budget(analysis: dict, plan):
+    """A text model's plan spends the slots' budget as ``plan`` on the CLI does (the measured split;
+    a rank typed by hand afterwards undoes it, see ``on_rank``)."""
+    from flexigpt.plan.budget import text_model_budget
+
+    return text_model_budget(plan) if analysis.get("chat_template") is False else plan
 
 
 SLEB_WINDOWS, SLEB_SEQ_LEN = 8, 128  # calibration for iterative selection (enough to rank blocks)
@@ -81,9 +90,10 @@ def on_iterative(ratio: float, method_label: str, rank: int, request: gr.Request
                             seq_len=SLEB_SEQ_LEN, split="train", max_windows=SLEB_WINDOWS)
     progress(0.0, desc=f"iterative selection of {n} blocks")
     result = iterative_selection(loaded.model, windows, n, callback=lambda f, m: progress(f, desc=m))
-    return plan_from_analysis(analysis, ratio, method=method, adapter=AdapterSpec(rank=rank, align=bool(align)),
-                              group_size=limits.check_int("group size", group_size, 1, 64), scores=result.scores(L),
-                              selection="iterative (SLEB)")
+    return _budget(analysis, plan_from_analysis(
+        analysis, ratio, method=method, adapter=AdapterSpec(rank=rank, align=bool(align)),
+        group_size=limits.check_int("group size", group_size, 1, 64), scores=result.scores(L),
+        selection="iterative (SLEB)"))
 
 
 def iterative_view(ratio: float, method_label: str, rank: int, group_size: int = 2, align: bool = False,
@@ -168,10 +178,14 @@ def on_align(plan, align: bool):
 
 @user_errors
 def on_rank(plan, rank):
-    """Change the adapter rank (validated by the Plan and, at render, against the model's shapes)."""
+    """Change the adapter rank (validated by the Plan and, at render, against the model's shapes). A
+    rank typed here is the user's choice: a text model's budget split, if any, is undone."""
+    from flexigpt.plan.budget import with_chosen_rank
+
     if plan is None:
         return None
-    return plan.with_rank(limits.check_int("adapter rank", rank, 1, 4096))
+    rank = limits.check_int("adapter rank", rank, 1, 4096)
+    return plan if rank == plan.adapter.rank else with_chosen_rank(plan, rank)
 
 
 OUT_NORMS = {"scale (default; mergeable into a plain checkpoint)": "scale", "layernorm (paper)": "layernorm"}
@@ -246,6 +260,12 @@ def plan_message(plan, info: dict, counts) -> str:
         pairs = ", ".join(f"{b}←{'no donor' if d is None else d}" for b, d in sorted(plan.donors.items())) or "none"
         lines.append(f"**FlexiGPT**: {len(plan.pruned_blocks)} of {plan.num_blocks} blocks pruned; their slots "
                      f"reuse a donor (pruned ← donor, 0-based): {pairs}; adapter rank {plan.adapter.rank}.")
+        if plan.kept_lora_rank:
+            why = (" This model has no chat template, so the rank-8 budget is spent the way that recovered best "
+                   "on text (r6 slots + rank-1 LoRA on the kept blocks); type a rank to choose it yourself."
+                   if plan.note("budget") else "")
+            lines.append(f"The {plan.num_slots - len(plan.replaced_slots)} kept blocks also train a rank-"
+                         f"{plan.kept_lora_rank} LoRA.{why}")
     elif plan.spans:
         shown = ", ".join(f"{a}-{e - 1}" for a, e in plan.spans)
         how = ("a least-squares linear map fitted on calibration text, folded into the block before the span "
@@ -354,6 +374,11 @@ def align_view(plan, align: bool, request: gr.Request = None) -> tuple:
     return _views(on_align(plan, align), request)
 
 
+def rank_box(plan):
+    """The rank box's value for ``plan``: its slots' rank (no change without a plan)."""
+    return gr.update() if plan is None else gr.update(value=plan.adapter.rank)
+
+
 def rank_view(plan, rank, request: gr.Request = None) -> tuple:
     return _views(on_rank(plan, rank), request)
 
@@ -437,10 +462,14 @@ def render(ctx) -> None:
     fast = dict(queue=False, show_progress="hidden")
     out = [ctx.plan, *views]
     proposing = [ratio, method, rank, group_size, align]
-    ctx.analysis_token.change(analysis_view, [ctx.plan, *proposing], out, **fast)
-    ratio.release(propose_view, proposing, out, api_name="propose", **fast)
-    sleb.click(iterative_view, proposing, out, api_name="propose_iterative", **heavy())
-    method.input(method_view, [ctx.plan, method, ratio, rank, group_size, align], out, api_name="plan_method", **fast)
+    # A new plan's slot rank can differ from the rank box (a text model's budget split, an uploaded
+    # plan): the box then shows the plan's, so leaving it unchanged cannot re-rank the plan.
+    show_rank = dict(fn=rank_box, inputs=[ctx.plan], outputs=[rank], api_visibility="private", **fast)
+    ctx.analysis_token.change(analysis_view, [ctx.plan, *proposing], out, **fast).then(**show_rank)
+    ratio.release(propose_view, proposing, out, api_name="propose", **fast).then(**show_rank)
+    sleb.click(iterative_view, proposing, out, api_name="propose_iterative", **heavy()).then(**show_rank)
+    method.input(method_view, [ctx.plan, method, ratio, rank, group_size, align], out, api_name="plan_method",
+                 **fast).then(**show_rank)
     group_size.submit(group_size_view, [ctx.plan, group_size], out, api_name="plan_group_size", **fast)
     group_size.blur(group_size_view, [ctx.plan, group_size], out, **fast)
     align.input(align_view, [ctx.plan, align], out, api_name="plan_align", **fast)
@@ -449,6 +478,6 @@ def render(ctx) -> None:
     out_norm.input(out_norm_view, [ctx.plan, out_norm], out, api_name="plan_out_norm", **fast)
     block.input(on_pick_block, [ctx.plan, block], [action, donor], **fast)
     apply.click(edit_view, [ctx.plan, block, action, donor], out, api_name="edit_plan", **fast)
-    upload.upload(upload_view, [upload], out, api_name="upload_plan", **fast)
+    upload.upload(upload_view, [upload], out, api_name="upload_plan", **fast).then(**show_rank)
     if examples:
-        load_example.click(example_view, [example], out, api_name="example_plan", **fast)
+        load_example.click(example_view, [example], out, api_name="example_plan", **fast).then(**show_rank)

@@ -12,10 +12,12 @@ replies (18 of 73 with 9 loops against 20 with 2, in the chat recipe).
 """
 from __future__ import annotations
 
+import dataclasses
+
 from flexigpt.plan.core import Plan
 from flexigpt.plan.specs import AdapterSpec
 
-__all__ = ["TEXT_KEPT_LORA_RANK", "TEXT_SLOT_RANK", "text_model_budget"]
+__all__ = ["TEXT_KEPT_LORA_RANK", "TEXT_SLOT_RANK", "text_model_budget", "with_chosen_rank"]
 
 TEXT_SLOT_RANK = 6
 TEXT_KEPT_LORA_RANK = 1
@@ -32,3 +34,13 @@ def text_model_budget(plan: Plan) -> Plan:
     return (plan.with_adapter(rank=TEXT_SLOT_RANK).with_kept_lora(TEXT_KEPT_LORA_RANK)
             .with_notes(budget=f"text model: r{_PROPOSED_RANK} budget as r{TEXT_SLOT_RANK} slots + kept-block LoRA "
                                f"r{TEXT_KEPT_LORA_RANK}"))
+
+
+def with_chosen_rank(plan: Plan, rank: int) -> Plan:
+    """``plan`` with slot rank ``rank`` chosen by hand. A hand-chosen rank gets no split (as
+    ``plan --rank`` does): if ``text_model_budget`` made this plan's kept-block LoRA, it goes, with
+    its ``budget`` note; a kept-block LoRA the user asked for stays."""
+    if plan.note("budget") is None:
+        return plan.with_rank(rank)
+    notes = tuple((k, v) for k, v in plan.notes if k != "budget")
+    return dataclasses.replace(plan.with_rank(rank).with_kept_lora(None), notes=notes)
