@@ -189,6 +189,18 @@ def test_story_on_the_tiny_model(tiny_folder, tiny_text_file, request_, monkeypa
     status, choices, builds = build_tab.on_build(plan, data, True, 0, request_)
     assert builds == 1 and "flexigpt 33% r4" in status and "drop 33%" in status and "heldout" in status
     assert choices["value"] == "flexigpt 33% r4"
+    # the recover panel follows the picked build's model: the chat recipe here, the text recipe without a template
+    objective, source, note = build_tab.on_pick_build("flexigpt 33% r4", request_)
+    assert (objective["value"], source["value"]) == build_tab.default_recipe(True) and "chat" in note["value"]
+    tok = session.work(request_.session_hash).builds["flexigpt 33% r4"].tokenizer
+    template, tok.chat_template = tok.chat_template, None
+    try:
+        objective, source, note = build_tab.on_pick_build("flexigpt 33% r4", request_)
+    finally:
+        tok.chat_template = template
+    assert (objective["value"], source["value"]) == build_tab.default_recipe(False) == ("mix", "the text of tab 1 (train split)")
+    assert "without a chat template" in note["value"] and "Fit slots" in note["value"]
+    assert build_tab.on_pick_build("no such build", request_) == (gr.update(),) * 3
     # fit slots: each replaced slot trained alone; one R^2 bar pair per slot, never worse than before
     fig, msg = build_tab.on_fit("flexigpt 33% r4", 3, data, request_)
     after = dict(zip(fig.data[-1].x, fig.data[-1].y))

@@ -23,14 +23,30 @@ SOURCES = {"the text of tab 1 (train split)": TEXT, "chat: the original's own re
            "mixed: a fifth chat, the rest text": "mixed"}  # the share is flexigpt.pipeline.CHAT_SHARE
 
 
-def recipe_note() -> str:
-    """One sentence on the recipe the panel starts with, and why."""
-    objective, source = default_recipe(True)
+def recipe_note(chat_model: bool = True) -> str:
+    """One sentence on the recipe the panel starts with for a chat (or a text) model, and why."""
+    objective, source = default_recipe(chat_model)
     what = {"lm": "next-token loss", "distill": "distillation from the original model's predictions",
             "mix": "next-token loss plus distillation"}[objective]
+    if not chat_model:
+        return (f"Default for a model without a chat template: **{what}** on **{source}**: on the text it ended "
+                "below the plain drop + LoRA at a matched budget in-domain and on another text (bench/RESULTS.md, "
+                "17.84 / 130.86 against 19.48 / 134.37, with 200 fit steps per slot first, as `build` runs them: "
+                "press *Fit slots* before *Recover*).")
     return (f"Default: **{what}** on **{source}**: among the recipes we measured (bench/RESULTS.md) it answers "
             "the most chat questions (3.3x as many as training on the text alone: 20 of 73 against 6) while held-out perplexity "
             "stays within 10 % of it; pick *the text* when only perplexity on your text matters.")
+
+
+def on_pick_build(name: str, request: gr.Request = None) -> tuple:
+    """The recover panel's objective, data and note follow the picked build's model: the chat recipe for
+    a model with a chat template, the text recipe otherwise (no change while nothing is picked)."""
+    b = work(session_key(request)).builds.get(name) if name else None
+    if b is None:
+        return gr.update(), gr.update(), gr.update()
+    chat = bool(getattr(b.tokenizer, "chat_template", None))
+    objective, source = default_recipe(chat)
+    return gr.update(value=objective), gr.update(value=source), gr.update(value=recipe_note(chat))
 
 
 def default_recipe(chat_model: bool) -> tuple[str, str]:
@@ -311,7 +327,7 @@ def render(ctx) -> None:
                                     label="objective (lm: next-token loss; distill: match the original's "
                                           "predictions; mix: both)")
             source = gr.Dropdown(list(SOURCES), value=source0, label="recovery data", elem_id="recover-source")
-        gr.Markdown(recipe_note())
+        note = gr.Markdown(recipe_note(), elem_id="recover-recipe")
     with gr.Row():
         fit_steps = gr.Number(FIT_STEPS, label="fit steps per slot", precision=0, minimum=1,
                               maximum=limits.current().fit_steps, elem_id="fit-steps")
@@ -325,6 +341,8 @@ def render(ctx) -> None:
     data = ctx["data_ref"]
     build.click(on_build, [ctx.plan, data, also_drop, ctx.builds_token], [status, name, ctx.builds_token],
                 api_name="build", **heavy())
+    name.change(on_pick_build, [name], [objective, source, note], queue=False, show_progress="hidden",
+                api_visibility="private")
     fit_btn.click(on_fit, [name, fit_steps, data], [fit_plot, fit_status], api_name="fit_slots", **heavy())
     recover_btn.click(recover_view, [name, steps, batch, seq_len, lr, data, ctx.builds_token, gate_lr, objective, source],
                       [curve, rec_status, ctx.builds_token], api_name="recover", **heavy())
