@@ -91,6 +91,10 @@ def test_app_plan_tab_splits_a_text_models_budget_as_the_cli_does(request_, chat
     assert plan_tab.on_rank(plan, expected[0]) == plan  # the box left as shown changes nothing
     typed = plan_tab.on_rank(plan, 8 if expected[0] != 8 else 4)
     assert typed.kept_lora_rank is None and typed.note("budget") is None
+    drop = plan_tab.on_method(plan, "drop (ShortGPT)", 0.34, 8, request_)
+    assert (drop.method, drop.kept_lora_rank, drop.note("budget")) == ("drop", None, None)  # recovery matches its LoRA
+    back = plan_tab.on_method(drop, "FlexiGPT (share a donor + adapter)", 0.34, 8, request_)
+    assert (back.adapter.rank, back.kept_lora_rank) == expected and back.pruned_blocks == plan.pruned_blocks
     if expected[1]:
         lines = plan_tab.plan_message(plan, {"num_parameters": 10 ** 6}, _Counts())
         assert "rank-1 LoRA" in lines and "no chat template" in lines

@@ -157,6 +157,14 @@ def on_method(plan, method_label: str, ratio: float, rank: int, request: gr.Requ
         kept = set(plan.with_method("drop").layer_map)  # blocks that keep their own slot
         donors = {int(k): int(v) for k, v in sugg.items() if int(v) in kept}
     new = plan.with_method(method, donors)
+    split = plan.note("budget") is not None
+    if split:  # a text model's split belongs to FlexiGPT's slots: a drop gets its matched LoRA instead
+        from flexigpt.plan import AdapterSpec
+        from flexigpt.plan.budget import with_chosen_rank
+
+        new = with_chosen_rank(new, AdapterSpec().rank)
+    if method == "flexigpt" and (split or plan.method == "drop") and analysis is not None:
+        new = _budget(analysis, new)  # back to FlexiGPT: the split again, as a fresh proposal would have it
     return new.with_adapter(align=bool(align)) if method == "flexigpt" else new
 
 
