@@ -269,9 +269,8 @@ def plan_message(plan, info: dict, counts) -> str:
         lines.append(f"**FlexiGPT**: {len(plan.pruned_blocks)} of {plan.num_blocks} blocks pruned; their slots "
                      f"reuse a donor (pruned ← donor, 0-based): {pairs}; adapter rank {plan.adapter.rank}.")
         if plan.kept_lora_rank:
-            why = (" This model has no chat template, so the rank-8 budget is spent the way that recovered best "
-                   "on text (r6 slots + rank-1 LoRA on the kept blocks); type a rank to choose it yourself."
-                   if plan.note("budget") else "")
+            why = (f" This model has no chat template, so the slots' budget is spent the way that recovered best "
+                   f"on text ({plan.note('budget')}); type a rank to choose it yourself." if plan.note("budget") else "")
             lines.append(f"The {plan.num_slots - len(plan.replaced_slots)} kept blocks also train a rank-"
                          f"{plan.kept_lora_rank} LoRA.{why}")
     elif plan.spans:
