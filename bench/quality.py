@@ -14,8 +14,8 @@ next-token loss, except where a row names its own):
 - flexigpt r8 (svd, one lr)  FlexiGPT as first shipped: SVD init, LayerNorm output norms, one
                              learning rate for everything
 - flexigpt r8 budget (defaults)  what `plan` then `build --steps N` gives a text model with no other
-                             flag: the r8 budget split into r6 slots + a rank-1 LoRA on the kept
-                             blocks (flexigpt.plan.budget), whitened
+                             flag: the r8 budget split into lower-rank slots + a LoRA on the kept
+                             blocks (flexigpt.plan.budget; the row's name says the ranks), whitened
                              init with closed-form output scales, per-feature scale output norms,
                              gate learning-rate multiplier, no donor where the analysis' function
                              metric finds the block's own rank-r fit better than any donor,

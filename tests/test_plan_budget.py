@@ -1,4 +1,4 @@
-"""A text model's plan: the r8 slots' budget split into r6 slots plus kept-block LoRA r1."""
+"""A text model's plan: the r8 slots' budget split into r4 slots plus kept-block LoRA r2."""
 from __future__ import annotations
 
 import json
@@ -15,10 +15,10 @@ def _flexi(rank=8):
     return Plan("tiny", 6, (0, 1, None, 3, None, 5), adapter=AdapterSpec(rank=rank))
 
 
-def test_split_moves_two_ranks_to_the_kept_blocks():
+def test_split_moves_four_ranks_to_the_kept_blocks():
     plan = text_model_budget(_flexi())
-    assert (plan.adapter.rank, plan.kept_lora_rank) == (TEXT_SLOT_RANK, TEXT_KEPT_LORA_RANK) == (6, 1)
-    assert plan.layer_map == _flexi().layer_map and "kept-block LoRA r1" in plan.note("budget")
+    assert (plan.adapter.rank, plan.kept_lora_rank) == (TEXT_SLOT_RANK, TEXT_KEPT_LORA_RANK) == (4, 2)
+    assert plan.layer_map == _flexi().layer_map and "kept-block LoRA r2" in plan.note("budget")
 
 
 @pytest.mark.parametrize("plan", [_flexi(rank=32), _flexi().with_kept_lora(2), _flexi().with_method("drop"),
@@ -30,7 +30,7 @@ def test_split_leaves_other_plans_alone(plan):
 
 
 @pytest.mark.parametrize("chat_template,flags,expected", [
-    (False, [], (6, 1)),                          # a text model: the measured split
+    (False, [], (4, 2)),                          # a text model: the measured split
     (True, [], (8, None)),                        # a chat model keeps r8 slots alone
     (None, [], (8, None)),                        # an analysis written before the field: no split
     (False, ["--rank", "8"], (8, None)),          # the user named the slot rank
@@ -74,7 +74,7 @@ def test_a_rank_chosen_by_hand_undoes_the_split_and_nothing_else():
     assert (with_chosen_rank(own, 4).adapter.rank, with_chosen_rank(own, 4).kept_lora_rank) == (4, 2)
 
 
-@pytest.mark.parametrize("chat_template,expected", [(False, (6, 1)), (True, (8, None)), (None, (8, None))])
+@pytest.mark.parametrize("chat_template,expected", [(False, (4, 2)), (True, (8, None)), (None, (8, None))])
 def test_app_plan_tab_splits_a_text_models_budget_as_the_cli_does(request_, chat_template, expected):
     """The app proposes what `plan` proposes; the rank box then shows the plan's rank, and a rank
     typed there is the user's choice (no split), as `plan --rank` is."""
