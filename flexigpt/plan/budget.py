@@ -4,10 +4,11 @@
 those ranks to a rank-2 LoRA on every kept block ("hybrid"): 814,464 trainable parameters on the
 embedded model's default plan, against 753,408 for r8 slots alone and 854,784 for the matched
 drop + LoRA baseline. Measured with the text recipe (200 local-fit steps, ``mix`` at KL weight 2,
-100 steps; bench/RESULTS.md, "The budget split and the learning rate"): 17.94 in-domain / 126.27 on
-the other text, against 17.84 / 130.86 for r6 slots + rank-1 kept LoRA (the split until then),
-18.33 / 135.83 for r8 slots alone and 19.48 / 134.37 for drop + LoRA. At lr 2e-3 the order is the
-same (16.58 / 122.77 against 16.61 / 127.41).
+100 steps; bench/RESULTS.md, "The budget split and the learning rate"): 17.94 in-domain / 126.79 on
+the other text in one bench run, against 19.48 / 134.37 for drop + LoRA. Side by side in the sweep:
+17.94 / 126.27 against 17.84 / 130.86 for r6 slots + rank-1 kept LoRA (the split until then) and
+18.33 / 135.83 for r8 slots alone; at lr 2e-3 the order is the same (16.58 / 122.77 against
+16.61 / 127.41).
 Chat models keep r8 slots alone: the hybrid answered fewer fidelity questions with more looping
 replies (18 of 73 with 9 loops against 20 with 2, in the chat recipe).
 """
