@@ -6,7 +6,7 @@ import json
 import pytest
 
 from flexigpt.plan import AdapterSpec, Plan
-from flexigpt.plan.budget import TEXT_KEPT_LORA_RANK, TEXT_SLOT_RANK, text_model_budget, with_chosen_rank
+from flexigpt.plan.budget import TEXT_KEPT_LORA_RANK, TEXT_SLOT_RANK, text_model_budget, undo_text_budget, with_chosen_rank
 
 _BI = [0.9, 0.1, 0.05, 0.3, 0.02, 0.5]
 
@@ -70,6 +70,7 @@ def test_a_rank_chosen_by_hand_undoes_the_split_and_nothing_else():
     chosen = with_chosen_rank(split, 8)
     assert (chosen.adapter.rank, chosen.kept_lora_rank, chosen.note("budget")) == (8, None, None)
     assert chosen.layer_map == split.layer_map
+    assert undo_text_budget(split) == _flexi() and undo_text_budget(_flexi().with_kept_lora(2)) == _flexi().with_kept_lora(2)
     own = _flexi().with_kept_lora(2)  # a kept LoRA the user asked for is theirs: it stays
     assert (with_chosen_rank(own, 4).adapter.rank, with_chosen_rank(own, 4).kept_lora_rank) == (4, 2)
 

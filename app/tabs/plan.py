@@ -60,9 +60,9 @@ def on_propose(ratio: float, method_label: str, rank: int, request: gr.Request =
 def _budget(analysis: dict, plan):
     """A text model's plan spends the slots' budget as ``plan`` on the CLI does (the measured split;
     a rank typed by hand afterwards undoes it, see ``on_rank``)."""
-    from flexigpt.plan.budget import text_model_budget
+    from flexigpt.plan.budget import analysis_budget
 
-    return text_model_budget(plan) if analysis.get("chat_template") is False else plan
+    return analysis_budget(plan, analysis)
 
 
 SLEB_WINDOWS, SLEB_SEQ_LEN = 8, 128  # calibration for iterative selection (enough to rank blocks)
@@ -157,12 +157,10 @@ def on_method(plan, method_label: str, ratio: float, rank: int, request: gr.Requ
         kept = set(plan.with_method("drop").layer_map)  # blocks that keep their own slot
         donors = {int(k): int(v) for k, v in sugg.items() if int(v) in kept}
     new = plan.with_method(method, donors)
-    split = plan.note("budget") is not None
-    if split:  # a text model's split belongs to FlexiGPT's slots: a drop gets its matched LoRA instead
-        from flexigpt.plan import AdapterSpec
-        from flexigpt.plan.budget import with_chosen_rank
+    from flexigpt.plan.budget import undo_text_budget
 
-        new = with_chosen_rank(new, AdapterSpec().rank)
+    # a text model's split belongs to FlexiGPT's slots: a drop gets its matched LoRA instead
+    split, new = plan.note("budget") is not None, undo_text_budget(new)
     if method == "flexigpt" and (split or plan.method == "drop") and analysis is not None:
         new = _budget(analysis, new)  # back to FlexiGPT: the split again, as a fresh proposal would have it
     return new.with_adapter(align=bool(align)) if method == "flexigpt" else new

@@ -221,11 +221,11 @@ def run(args: argparse.Namespace) -> dict:
         plan = plan.with_notes(ratio=float(args.ratio))
     if args.kept_lora_rank is not None:
         plan = plan.with_kept_lora(args.kept_lora_rank)
-    elif analysis is not None and analysis.get("chat_template") is False and args.rank is None:
-        # a text model's measured split of the slots' budget (older analyses say nothing: no split)
-        from flexigpt.plan.budget import text_model_budget
+    elif analysis is not None and args.rank is None:
+        # a text model's measured split of the slots' budget
+        from flexigpt.plan.budget import analysis_budget
 
-        plan = text_model_budget(plan)
+        plan = analysis_budget(plan, analysis)
     out = Path(args.out)
     write_text(out, plan.to_json() + "\n")
     result = {"plan": plan.to_dict(), "path": str(out), "pruned": list(plan.unstored_blocks),

@@ -19,7 +19,8 @@ import dataclasses
 from flexigpt.plan.core import Plan
 from flexigpt.plan.specs import AdapterSpec
 
-__all__ = ["TEXT_KEPT_LORA_RANK", "TEXT_SLOT_RANK", "text_model_budget", "with_chosen_rank"]
+__all__ = ["TEXT_KEPT_LORA_RANK", "TEXT_SLOT_RANK", "analysis_budget", "text_model_budget", "undo_text_budget",
+           "with_chosen_rank"]
 
 TEXT_SLOT_RANK = 4
 TEXT_KEPT_LORA_RANK = 2
@@ -46,3 +47,14 @@ def with_chosen_rank(plan: Plan, rank: int) -> Plan:
         return plan.with_rank(rank)
     notes = tuple((k, v) for k, v in plan.notes if k != "budget")
     return dataclasses.replace(plan.with_rank(rank).with_kept_lora(None), notes=notes)
+
+
+def analysis_budget(plan: Plan, analysis: dict) -> Plan:
+    """``text_model_budget(plan)`` when ``analysis`` says the model has no chat template, else
+    ``plan`` (an analysis written before ``chat_template`` existed says nothing: no split)."""
+    return text_model_budget(plan) if analysis.get("chat_template") is False else plan
+
+
+def undo_text_budget(plan: Plan) -> Plan:
+    """``plan`` as it was before ``text_model_budget`` split it (unchanged if it was not split)."""
+    return with_chosen_rank(plan, _PROPOSED_RANK) if plan.note("budget") is not None else plan
