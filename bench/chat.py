@@ -23,6 +23,7 @@ perplexity within 10 % of `lm:default` (when that recipe is in the run).
     python bench/chat.py --recipes lm:default,distill:chat --steps 3 --eval-windows 4   # smoke run
     python bench/chat.py --select iterative --recipes lm:mixed --steps 100 --json   # SLEB's blocks instead of BI's
     python bench/chat.py --select iterative --select-data chat --recipes lm:mixed --steps 100 --json   # SLEB on chat
+    python bench/chat.py --donors nearest --recipes lm:mixed --steps 100 --json   # donors as the app proposes them before a share-error run
 """
 from __future__ import annotations
 
@@ -96,6 +97,9 @@ def main() -> None:
     ap.add_argument("--select-data", default="default", choices=DATA,
                     help="what iterative selection measures perplexity on: the text (as `plan`), the original's "
                          "own chat replies, or the mix recovery reads")
+    ap.add_argument("--donors", default="analysis", choices=("analysis", "nearest"),
+                    help="slot donors: the analysis's suggestion as `plan` makes it (default), or the nearest kept "
+                         "block, as a plan proposed before any share-error run gets them")
     ap.add_argument("--recipes", default=None, help="comma-separated OBJECTIVE:DATA recipes, e.g. lm:default,distill:chat")
     ap.add_argument("--objective", default="lm", choices=OBJECTIVES, help="the one recipe's objective without --recipes")
     ap.add_argument("--data", default="default", choices=DATA, help="the one recipe's data without --recipes")
@@ -141,6 +145,8 @@ def main() -> None:
                                        fraction=args.mix_fraction)
         sel = iterative_selection(base, sel_windows, int(round(args.ratio * L)))
         scores, selection = sel.scores(L), "iterative"
+    if args.donors == "nearest":  # the analysis without its share error: plan_from_analysis falls back to nearest kept
+        analysis = {k: v for k, v in analysis.items() if k not in ("share_error", "donor_suggestion")}
     plan = plan_from_analysis(analysis, args.ratio, method="flexigpt", adapter=AdapterSpec(rank=args.rank,
                                                                                             init=args.init),
                               scores=scores, selection=selection)

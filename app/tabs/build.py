@@ -14,7 +14,7 @@ from flexigpt.recover_spec import RecoverSpec
 PREVIEW_WINDOWS = 4
 PREVIEW_SEQ_LEN = 128
 CALIBRATION_WINDOWS = 32  # train windows the slot fits read (whitened init, fit slots)
-FIT_STEPS = 50  # the fit-slots default in the app: most of the R^2 comes in the first steps
+FIT_STEPS = 50  # the fit-slots box before a build is picked, and for a build `build` fits none (a chat model)
 DEFAULT_GATE_LR_SCALE = RecoverSpec().gate_lr_scale  # the library's default recipe
 OBJECTIVES = ("lm", "distill", "mix")
 CHAT_PROMPTS_MAX = 512  # distillation prompts the app generates replies for at most (the library has 356)
@@ -39,14 +39,20 @@ def recipe_note(chat_model: bool = True) -> str:
 
 
 def on_pick_build(name: str, request: gr.Request = None) -> tuple:
-    """The recover panel's objective, data and note follow the picked build's model: the chat recipe for
-    a model with a chat template, the text recipe otherwise (no change while nothing is picked)."""
+    """The recover panel's objective, data, note and fit steps follow the picked build's model: the chat
+    recipe for a model with a chat template, the text recipe otherwise, and the fit steps `build` runs
+    for it (``pipeline.default_fit_steps``; ``FIT_STEPS`` where it runs none). No change while nothing
+    is picked."""
+    from flexigpt.pipeline import default_fit_steps
+
     b = work(session_key(request)).builds.get(name) if name else None
     if b is None:
-        return gr.update(), gr.update(), gr.update()
+        return gr.update(), gr.update(), gr.update(), gr.update()
     chat = bool(getattr(b.tokenizer, "chat_template", None))
     objective, source = default_recipe(chat)
-    return gr.update(value=objective), gr.update(value=source), gr.update(value=recipe_note(chat))
+    fit = default_fit_steps(b.plan, chat) or FIT_STEPS
+    return (gr.update(value=objective), gr.update(value=source), gr.update(value=recipe_note(chat)),
+            gr.update(value=min(fit, limits.current().fit_steps)))
 
 
 def default_recipe(chat_model: bool) -> tuple[str, str]:
@@ -341,7 +347,7 @@ def render(ctx) -> None:
     data = ctx["data_ref"]
     build.click(on_build, [ctx.plan, data, also_drop, ctx.builds_token], [status, name, ctx.builds_token],
                 api_name="build", **heavy())
-    name.change(on_pick_build, [name], [objective, source, note], queue=False, show_progress="hidden",
+    name.change(on_pick_build, [name], [objective, source, note, fit_steps], queue=False, show_progress="hidden",
                 api_visibility="private")
     fit_btn.click(on_fit, [name, fit_steps, data], [fit_plot, fit_status], api_name="fit_slots", **heavy())
     recover_btn.click(recover_view, [name, steps, batch, seq_len, lr, data, ctx.builds_token, gate_lr, objective, source],
