@@ -24,6 +24,7 @@ perplexity within 10 % of `lm:default` (when that recipe is in the run).
     python bench/chat.py --select iterative --recipes lm:mixed --steps 100 --json   # SLEB's blocks instead of BI's
     python bench/chat.py --select iterative --select-data chat --recipes lm:mixed --steps 100 --json   # SLEB on chat
     python bench/chat.py --donors nearest --recipes lm:mixed --steps 100 --json   # donors as the app proposes them before a share-error run
+    python bench/chat.py --calib-data chat --recipes lm:mixed --steps 100 --json   # slots calibrated on the chat data alone
 """
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ def _row(name: str, report, ppls: tuple[float, float], original, **extra) -> dic
     return {"method": name, "score": report.score, "agreement": report.agreement, "degeneration": report.degeneration,
             "passed": report.passed, "degenerate": report.degenerate,
             "lost_vs_original": len(report.regressions(original)) if original is not None else 0,
-            "ppl_heldout": ppls[0], "ppl_other": ppls[1], "fidelity_seconds": round(report.seconds, 1), **extra}
+            "ppl_heldout": ppls[0], "ppl_other": ppls[1], "fidelity_seconds": round(report.seconds, 1),
+            "by_kind": {k: {"passed": p, "prompts": n} for k, (p, n) in report.by_kind().items()}, **extra}
 
 
 def main() -> None:
@@ -119,6 +121,9 @@ def main() -> None:
     ap.add_argument("--other-data", default="shakespeare",
                     help="a second, differently styled text for held-out perplexity (general ability)")
     ap.add_argument("--calib-windows", type=int, default=32, help="analysis (and calibration) windows")
+    ap.add_argument("--calib-data", default=None, choices=DATA,
+                    help="data the slots' whitened init and local fit calibrate on (default: each recipe's own "
+                         "recovery data, as `build` does)")
     ap.add_argument("--prompts", default=None, help="a .jsonl prompt set instead of the built-in one")
     ap.add_argument("--fidelity-max-new-tokens", type=int, default=48)
     ap.add_argument("--chat-max-new-tokens", type=int, default=96, help="reply length of the self-distillation data")
@@ -201,7 +206,7 @@ def main() -> None:
                   f"R2 {fit.get('r2') or fit.get('scale_r2')}", flush=True)
         return copy.deepcopy(fitted[source])
 
-    model = built(recipes[0][1])
+    model = built(args.calib_data or recipes[0][1])
     report = chat_fidelity(model, tok, reference=original, **fid)
     rows.append(_row(f"flexigpt r{args.rank} (no recovery)", report, ppls(model), original, steps=0,
                      recovery_seconds=0.0, trainable_params=measure_params(model).trainable))
@@ -213,7 +218,7 @@ def main() -> None:
         name = f"flexigpt r{args.rank} {objective}:{source}"
         spec = dataclasses.replace(base_spec, objective=objective)
         train = data(source)
-        model = built(source)
+        model = built(args.calib_data or source)
         t, c, last = time.perf_counter(), time.process_time(), None
         for last in recover_model(model, base, train, spec):
             pass
@@ -250,10 +255,14 @@ def main() -> None:
     print(f"pruned blocks (0-based): {', '.join(map(str, plan.pruned_blocks))}, chosen by "
           + ("Block Influence" if args.select == "bi" else f"iterative selection on {args.select_data}"))
     print(f"slots: init {args.init}, {args.fit_steps} local-fit steps per slot, calibration {args.calib_windows} windows "
-          "of each recipe's data")
+          + (f"of {args.calib_data}" if args.calib_data else "of each recipe's data"))
     print(f"recovery: {args.steps} steps x batch {args.batch_size} x {args.seq_len} tokens, lr {args.lr}, "
           f"gate lr x{args.gate_lr_scale:g}, kept-block LoRA rank {args.kept_lora_rank or 'none'}; "
           f"mixed = {args.mix_fraction:g} chat; chat loss on {args.chat_loss}")
+    kinds = list(original.by_kind())
+    print(f"answered by kind ({', '.join(f'{k}: {n}' for k, (_, n) in original.by_kind().items())} prompts):")
+    for r in rows:
+        print(f"  {r['method']:<{w}}" + "".join(f"{k} {r['by_kind'].get(k, {}).get('passed', 0):>3}  " for k in kinds))
     print(f"{'method':<{w}}{'score':>7}{'agree':>7}{'degen':>7}{'lost':>6}{'ppl':>9}{'other':>9}{'ppl/lm':>8}{'s/step':>8}{'meets':>7}")
     for r in rows:
         ratio = r.get("ppl_vs_lm_default")
@@ -265,7 +274,7 @@ def main() -> None:
     if args.json:
         print(json.dumps({"rows": rows, "fidelity_protocol": original.protocol, "heldout_protocol": held.protocol(), "other_protocol": other.protocol(),
                           "data": data_info, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                          "lr": args.lr, "gate_lr_scale": args.gate_lr_scale, "kept_lora_rank": args.kept_lora_rank, "init": args.init, "fit_steps": args.fit_steps, "mix_fraction": args.mix_fraction, "chat_loss": args.chat_loss, "pruned": list(plan.pruned_blocks), "select": args.select, "select_data": args.select_data if args.select == "iterative" else None,
+                          "lr": args.lr, "gate_lr_scale": args.gate_lr_scale, "kept_lora_rank": args.kept_lora_rank, "init": args.init, "fit_steps": args.fit_steps, "calib_data": args.calib_data, "donors": args.donors, "mix_fraction": args.mix_fraction, "chat_loss": args.chat_loss, "pruned": list(plan.pruned_blocks), "select": args.select, "select_data": args.select_data if args.select == "iterative" else None,
                           "targets": {"score_share": SCORE_SHARE, "ppl_slack": PPL_SLACK}}))
 
 

@@ -155,6 +155,27 @@ class FidelityReport:
         _check_same_set(self.protocol, reference.protocol)
         return [(r, o) for r, o in zip(self.rows, reference.rows) if o.passed and not r.passed]
 
+    def by_kind(self) -> dict[str, tuple[int, int]]:
+        """``{kind: (passed, prompts)}`` in the set's order (prompts without a kind count as ``other``):
+        which kinds of question a pruned model lost, e.g. facts against instructions."""
+        out: dict[str, list[int]] = {}
+        for r in self.rows:
+            n = out.setdefault(r.kind or "other", [0, 0])
+            n[0] += int(r.passed)
+            n[1] += 1
+        return {k: (v[0], v[1]) for k, v in out.items()}
+
+    def kinds_line(self, reference: FidelityReport | None = None) -> str:
+        """One line, answered per kind, with the reference's count beside each (same prompt set)."""
+        mine = self.by_kind()
+        ref = None
+        if reference is not None:
+            _check_same_set(self.protocol, reference.protocol)
+            ref = reference.by_kind()
+        parts = [f"{k} {p}/{n}" + (f" (reference {ref[k][0]}/{n})" if ref and k in ref else "")
+                 for k, (p, n) in mine.items()]
+        return "answered by kind: " + ", ".join(parts)
+
     def summary(self) -> str:
         """Three lines: the numbers, then the protocol."""
         n = len(self.rows)
@@ -169,7 +190,8 @@ class FidelityReport:
     def to_dict(self, rows: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {"score": self.score, "agreement": self.agreement, "degeneration": self.degeneration,
                                "passed": self.passed, "degenerate": self.degenerate, "protocol": dict(self.protocol),
-                               "seconds": round(self.seconds, 2)}
+                               "seconds": round(self.seconds, 2),
+                               "by_kind": {k: {"passed": p, "prompts": n} for k, (p, n) in self.by_kind().items()}}
         if rows:
             out["rows"] = [{**asdict(r), "keys": list(r.keys), "tokens": list(r.tokens)} for r in self.rows]
         return out

@@ -252,6 +252,7 @@ def test_story_on_the_tiny_model(tiny_folder, tiny_text_file, request_, monkeypa
     # fidelity check: both scores, the lost prompts; the compare tab shows the score
     md = chat_tab.on_fidelity("flexigpt 33% r4", tiny_folder, request_)
     assert "**Chat fidelity**" in md and "original **" in md and "agreement" in md
+    assert "Answered per kind of prompt" in md
     table, _ = compare_tab.on_refresh(3, request_)
     assert table.loc[0, "chat fidelity"] != "n/a" and table.loc[1, "chat fidelity"] != "n/a"
     with pytest.raises(gr.Error, match="pick a built model"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flexigpt.chat import reply
-from flexigpt.fidelity import (FidelityReport, chat_fidelity, contains_key, find_loop, is_degenerate,
+from flexigpt.fidelity import (FidelityReport, FidelityRow, chat_fidelity, contains_key, find_loop, is_degenerate,
                                token_agreement)
 from flexigpt.greedy import cached_greedy_replies, greedy_replies, reply_text
 from flexigpt.prompt_sets import PromptItem, PromptSet, builtin_prompts, load_prompts
@@ -167,13 +167,35 @@ def test_eval_cli_chat_fidelity(tiny_folder, tiny_text_file, tmp_path, capsys, m
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "ppl" in out and out["data"] == str(tiny_text_file)  # the perplexity fields are unchanged
     fid = out["chat_fidelity"]
-    assert set(fid) >= {"score", "agreement", "degeneration", "protocol", "rows"}
+    assert set(fid) >= {"score", "agreement", "degeneration", "protocol", "rows", "by_kind"}
+    assert fid["by_kind"] == {"other": {"passed": fid["passed"], "prompts": 5}}  # the file gives no kinds
     assert fid["protocol"]["prompt_set"] == "p.jsonl" and fid["protocol"]["size"] == 5 and fid["agreement"] is None
     assert main(base + ["--chat-fidelity", "--prompts", str(prompts), "--fidelity-max-new-tokens", "16",
                         "--reference", tiny_folder]) == 0
     human = capsys.readouterr().out
     assert "chat fidelity: score" in human and "agreement 1.000" in human and "sha256" in human
+    assert "answered by kind: other " in human and "(reference " in human
     assert main(base + ["--prompts", str(tmp_path / "none.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(base + ["--chat-fidelity", "--fidelity-max-new-tokens", "4"]) == 2
     assert "max_new_tokens must be an integer >= 16" in capsys.readouterr().err
+
+
+def _report(kinds_passed, sha="s"):
+    rows = [FidelityRow(prompt=f"p{i}", keys=("k",), kind=k, reply="", tokens=(), ended=True, passed=ok,
+                        degenerate=False) for i, (k, ok) in enumerate(kinds_passed)]
+    return FidelityReport(score=sum(ok for _, ok in kinds_passed) / len(rows), agreement=None, degeneration=0.0,
+                          protocol={"sha256": sha, "max_new_tokens": 48}, rows=rows)
+
+
+def test_answered_by_kind_counts_each_kind_in_the_sets_order():
+    built = _report([("fact", False), ("arithmetic", True), ("fact", True), ("", False), ("fact", False)])
+    original = _report([("fact", True), ("arithmetic", True), ("fact", True), ("", True), ("fact", True)])
+    assert built.by_kind() == {"fact": (1, 3), "arithmetic": (1, 1), "other": (0, 1)}
+    assert list(built.by_kind()) == ["fact", "arithmetic", "other"]
+    assert built.to_dict(rows=False)["by_kind"]["fact"] == {"passed": 1, "prompts": 3}
+    assert built.kinds_line(original) == ("answered by kind: fact 1/3 (reference 3/3), arithmetic 1/1 "
+                                          "(reference 1/1), other 0/1 (reference 1/1)")
+    assert built.kinds_line() == "answered by kind: fact 1/3, arithmetic 1/1, other 0/1"
+    with pytest.raises(ValueError, match="same prompt set"):
+        built.kinds_line(_report([("fact", True)] * 5, sha="another"))

@@ -213,7 +213,10 @@ def on_fidelity(build: str, model_ref: str, request: gr.Request = None, progress
              f"new tokens): original **{original.score:.2f}** ({original.passed}/{p['size']}), **{build}** "
              f"**{report.score:.2f}** ({report.passed}/{p['size']}); agreement with the original's first "
              f"{p['agreement_tokens']} reply tokens {report.agreement:.2f}; replies stuck in a loop: "
-             f"{report.degenerate} (original {original.degenerate})."]
+             f"{report.degenerate} (original {original.degenerate}).",
+             "Answered per kind of prompt, this build against the original: "
+             + ", ".join(f"{kind} {mine[0]}/{mine[1]} against {original.by_kind().get(kind, (0, 0))[0]}"
+                         for kind, mine in report.by_kind().items()) + "."]
     if lost:
         lines.append(f"Prompts {build} fails and the original answers ({len(lost)}):")
         for mine, theirs in lost[:FIDELITY_SHOWN]:

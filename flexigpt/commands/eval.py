@@ -83,6 +83,7 @@ def run(args: argparse.Namespace):
                                    "regressions": [r.prompt for r, _ in report.regressions(ref_report)]
                                    if ref_report else None}
         lines.append(report.summary())
+        lines.append(report.kinds_line(ref_report))
         if ref_report is not None:
             lost = report.regressions(ref_report)
             lines.append(f"reference {ref_name}: score {ref_report.score:.3f}; {len(lost)} prompt(s) it answers and "
