@@ -308,3 +308,11 @@ def test_span_methods_in_the_plan_tab(tiny_folder, tiny_text_file, request_, mon
     sleb = plan_tab.on_iterative(0.34, "drop (ShortGPT)", 4, request_, progress=lambda *a, **k: None)
     assert sleb.method == "drop" and len(sleb.pruned_blocks) == 2 and "SLEB" in sleb.note("selection")
     assert "Blocks chosen by: iterative (SLEB)" in plan_tab.on_render(sleb, request_)[4]
+
+
+def test_recover_panel_starts_at_the_benchmarked_recovery_within_the_limits():
+    from app import limits
+
+    assert build_tab.recover_defaults(limits.current({})) == (100, 4, 256)  # as bench/chat.py and build --steps 100
+    small = limits.current({"FLEXIGPT_RECOVER_STEPS": "7", "FLEXIGPT_RECOVER_BATCH": "2", "FLEXIGPT_SEQ_LEN": "200"})
+    assert build_tab.recover_defaults(small) == (7, 2, 128)  # never above this server's limits

@@ -14,6 +14,11 @@ from flexigpt.recover_spec import RecoverSpec
 PREVIEW_WINDOWS = 4
 PREVIEW_SEQ_LEN = 128
 CALIBRATION_WINDOWS = 32  # train windows the slot fits read (whitened init, fit slots)
+# The recovery the benchmarks measure (bench/chat.py, bench/quality.py: 100 steps x batch 4 x 256 tokens). A
+# shorter default answered almost nothing: 20 steps x batch 2 x 128 tokens gave 5 of 73 chat-fidelity prompts
+# and 7 looping replies, against 20 and 2 (bench/RESULTS.md, "What a visitor gets").
+RECOVER_STEPS = 100
+SEQ_LENS = (64, 128, 256)
 FIT_STEPS = 50  # the fit-slots box before a build is picked, and for a build `build` fits none (a chat model)
 DEFAULT_GATE_LR_SCALE = RecoverSpec().gate_lr_scale  # the library's default recipe
 OBJECTIVES = ("lm", "distill", "mix")
@@ -21,6 +26,15 @@ CHAT_PROMPTS_MAX = 512  # distillation prompts the app generates replies for at 
 TEXT = "text"
 SOURCES = {"the text of tab 1 (train split)": TEXT, "chat: the original's own replies": "chat",
            "mixed: a fifth chat, the rest text": "mixed"}  # the share is flexigpt.pipeline.CHAT_SHARE
+
+
+def recover_defaults(lim) -> tuple[int, int, int]:
+    """``(steps, batch, tokens per window)`` the recover panel starts with: the recovery the benchmarks
+    measure and `build --steps 100` runs (``RECOVER_STEPS`` x ``RecoverSpec``'s batch and window), within
+    this server's limits."""
+    spec = RecoverSpec()
+    seq = max((n for n in SEQ_LENS if n <= min(spec.seq_len, lim.seq_len)), default=SEQ_LENS[0])
+    return min(RECOVER_STEPS, lim.recover_steps), min(spec.batch_size, lim.recover_batch), seq
 
 
 def recipe_note(chat_model: bool = True) -> str:
@@ -319,10 +333,11 @@ def render(ctx) -> None:
     status = gr.Markdown("", elem_id="build-status")
     with gr.Row():
         name = gr.Dropdown([], label="model to recover", elem_id="recover-name")
-        steps = gr.Number(20, label="steps", precision=None, minimum=1, maximum=limits.current().recover_steps,
+        steps0, batch0, seq0 = recover_defaults(limits.current())
+        steps = gr.Number(steps0, label="steps", precision=None, minimum=1, maximum=limits.current().recover_steps,
                           elem_id="recover-steps")
-        batch = gr.Number(2, label="batch (windows)", precision=None, minimum=1, maximum=limits.current().recover_batch, elem_id="recover-batch")
-        seq_len = gr.Dropdown([64, 128, 256], value=128, label="tokens per window", elem_id="recover-seq")
+        batch = gr.Number(batch0, label="batch (windows)", precision=None, minimum=1, maximum=limits.current().recover_batch, elem_id="recover-batch")
+        seq_len = gr.Dropdown(list(SEQ_LENS), value=seq0, label="tokens per window", elem_id="recover-seq")
         lr = gr.Number(RecoverSpec().lr, label="learning rate", elem_id="recover-lr")
     with gr.Accordion("advanced", open=False):
         with gr.Row():
