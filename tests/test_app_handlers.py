@@ -190,6 +190,17 @@ def test_story_on_the_tiny_model(tiny_folder, tiny_text_file, request_, monkeypa
     status, choices, builds = build_tab.on_build(plan, data, True, 0, request_)
     assert builds == 1 and "flexigpt 33% r4" in status and "drop 33%" in status and "heldout" in status
     assert choices["value"] == "flexigpt 33% r4"
+    # the slots calibrated as `build --steps N` calibrates them: a fifth chat for a chat model, the text otherwise
+    loaded = session.REGISTRY.get(tiny_folder)
+    cal = build_tab.calibration_windows(loaded, data)
+    assert cal.data.startswith("mix(") and "chat:chat-distill-v1" in cal.data and ", first 64:" in cal.data \
+        and cal.data.endswith(", 0.2)")
+    assert cal.num_windows == build_tab.CALIBRATION_WINDOWS
+    template, loaded.tokenizer.chat_template = loaded.tokenizer.chat_template, None
+    try:
+        assert "chat" not in build_tab.calibration_windows(loaded, data).data
+    finally:
+        loaded.tokenizer.chat_template = template
     # the recover panel follows the picked build's model: the chat recipe here, the text recipe without a template
     objective, source, note, fit = build_tab.on_pick_build("flexigpt 33% r4", request_)
     assert (objective["value"], source["value"]) == build_tab.default_recipe(True) and "chat" in note["value"]

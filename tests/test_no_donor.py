@@ -187,6 +187,8 @@ def test_a_hand_pruned_block_follows_the_no_donor_suggestion():
     assert not suggests_no_donor(analysis, plan, 3)
     assert not suggests_no_donor(analysis, plan.with_method("drop"), 4)  # only flexigpt slots
     assert not suggests_no_donor(None, plan, 4)
+    without = {k: v for k, v in analysis.items() if k != "share_error"}
+    assert suggests_no_donor(without, plan, 3)  # nothing measured: no donor, the measured default
 
 
 def test_cli_drop_follows_the_analysis_suggestion(tmp_path, capsys, tiny_folder):

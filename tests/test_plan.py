@@ -174,7 +174,11 @@ def test_plan_from_analysis_uses_the_suggested_metric():
     assert p.note("donor_metric") == "relative" and p.note("analysis_fingerprint") == "abc"
     a = _analysis()
     del a["share_error"]
-    assert plan_from_analysis(a, 0.3).donors == {2: 1, 4: 3}  # nearest kept block
+    donorless = plan_from_analysis(a, 0.3)  # no share error measured: no donor, the benchmarks' winner
+    assert donorless.donors == {2: None, 4: None} and donorless.note("donor_metric") == "none measured"
+    assert "no share error was measured" in donorless.note("donor_rule")
+    assert plan_from_analysis(a, 0.3, keep_donors=True).donors == {2: 1, 4: 3}  # nearest kept block
+    assert plan_from_analysis(a, 0.3, method="drop").pruned_blocks == (2, 4)
     assert plan_from_analysis(a, 0.25, method="extend").layer_map.count(4) == 2
     with pytest.raises(ValueError, match="format_version"):
         plan_from_analysis({**a, "format_version": 3}, 0.3)

@@ -112,7 +112,6 @@ def _build_one(key: str, plan, data_ref: str) -> Build:
     """Build one plan and keep it for the visitor, if the limits allow it (checked again with the
     build's real size: the bytes its own tensors take beyond the shared base weights)."""
     from flexigpt import pipeline
-    from flexigpt.data import token_windows
     from flexigpt.params import measure_params
 
     name = build_name(plan)
@@ -120,8 +119,7 @@ def _build_one(key: str, plan, data_ref: str) -> Build:
     loaded = REGISTRY.get(plan.base_model)
     calibration = None
     if pipeline.needs_calibration(plan):  # whitened slot init, a span method's fit
-        calibration = token_windows(loaded.tokenizer, limits.check_data_ref(data_ref), seq_len=PREVIEW_SEQ_LEN,
-                                    split="train", max_windows=CALIBRATION_WINDOWS)
+        calibration = calibration_windows(loaded, data_ref)
     report: dict = {}
     model = pipeline.build(loaded.model, plan, calibration=calibration, report=report)
     size = own_bytes(model, loaded.model)
@@ -131,6 +129,35 @@ def _build_one(key: str, plan, data_ref: str) -> Build:
               protocol=protocol, params=measure_params(model).to_dict(), own_bytes=size, fit=report or None)
     work(key).builds[b.name] = b
     return b
+
+
+def chat_prompts(source: str, windows: int, seq_len: int) -> int:
+    """Distillation prompts to answer for ``windows`` windows of ``source`` (``chat`` or ``mixed``,
+    whose chat share is ``CHAT_SHARE``): about one conversation per 40 chat tokens, in batches of 64,
+    so a short run generates few replies (the whole set, 356, from about 80 chat windows of 256)."""
+    from flexigpt.pipeline import CHAT_SHARE
+
+    chat_windows = windows if source == "chat" else math.ceil(windows * CHAT_SHARE)
+    return min(CHAT_PROMPTS_MAX, 64 * max(1, math.ceil(chat_windows * seq_len / (40 * 64))))
+
+
+def calibration_windows(loaded, data_ref: str):
+    """The windows a build's slots calibrate on (whitened init, fit slots), as `build --steps N` reads
+    them: ``CALIBRATION_WINDOWS`` windows of ``RunOptions``' length from the recovery data the model's
+    recipe uses (a fifth chat for a chat model, its replies to the first ``chat_prompts`` distillation
+    prompts, where `build` reads all of them; the text of tab 1 otherwise). Measured on the chat model
+    (bench/chat.py, 100 steps): slots calibrated on the text alone gave 13 looping replies of 73, on
+    the mixed data 2."""
+    from flexigpt.pipeline import CHAT_SHARE, RunOptions, default_recovery
+    from flexigpt.recovery_data import has_chat_template, recovery_windows
+
+    data_ref = limits.check_data_ref(data_ref)
+    source = default_recovery(has_chat_template(loaded.tokenizer))[1] or data_ref
+    context = getattr(loaded.model.config, "max_position_embeddings", None) or None
+    seq_len = min(RunOptions(out="").seq_len, limits.current().seq_len, context or RunOptions(out="").seq_len)
+    return recovery_windows(loaded.model, loaded.tokenizer, source, text=data_ref, seq_len=seq_len,
+                            max_windows=CALIBRATION_WINDOWS, max_len=context, fraction=CHAT_SHARE,
+                            prompts=chat_prompts(source, CALIBRATION_WINDOWS, seq_len) if source != data_ref else None)
 
 
 def _fit_summary(report: dict | None) -> str:
@@ -167,8 +194,13 @@ def on_build(plan, data_ref: str, also_drop: bool, token: int, request: gr.Reque
     admit_build(key, [build_name(p) for p in todo])  # the count limits, before any work
     lines = [f"Original: perplexity **{ppl0:.2f}**."]
     built = []
+    from flexigpt.pipeline import needs_calibration
+    from flexigpt.recovery_data import has_chat_template
     for i, p in enumerate(todo):
-        progress(0.2 + 0.7 * i / len(todo), desc=f"building {build_name(p)}")
+        chat_calibration = needs_calibration(p) and has_chat_template(REGISTRY.get(p.base_model).tokenizer)
+        progress(0.2 + 0.7 * i / len(todo), desc=f"building {build_name(p)}" + (
+            " (its slots calibrate on a fifth chat: on a fresh server the original model first writes 64 chat "
+            "replies, a minute or two on 2 cores, once)" if chat_calibration else ""))
         b = _build_one(key, p, data_ref)
         built.append(b.name)
         lines.append(f"**{b.name}**: {p.num_slots} slots, {fmt_params(b.params.get('stored'))} stored parameters; "
@@ -222,9 +254,7 @@ def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_
         yield figures.loss_curve(b.steps, b.losses, name), ("Preparing the chat data (the original model's own "
                                                             "replies; generated once, then cached)…"), int(token or 0)
     needed = min(512, steps * batch)
-    chat_windows = needed if ref == "chat" else math.ceil(needed * CHAT_SHARE)  # `mixed` needs only its share
-    # replies to generate for a short recovery: about one conversation per 40 chat tokens, in batches of 64
-    prompts = min(CHAT_PROMPTS_MAX, 64 * max(1, math.ceil(chat_windows * seq_len / (40 * 64))))
+    prompts = chat_prompts(ref, needed, seq_len)
     windows = recovery_windows(REGISTRY.get(b.plan.base_model).model, b.tokenizer, ref, text=data_ref,
                                seq_len=seq_len, max_windows=needed, max_len=context, prompts=prompts,
                                fraction=CHAT_SHARE, replies_only=CHAT_LOSS == "replies")
@@ -257,7 +287,6 @@ def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_
 def on_fit(name: str, fit_steps: int, data_ref: str, request: gr.Request = None, progress=gr.Progress()):
     """Fit every replaced slot of the build alone to its pruned block's output (before recovery);
     returns (R^2 figure, status)."""
-    from flexigpt.data import token_windows
     from flexigpt.slot_fit import fit_slots
 
     key = session_key(request)
@@ -273,8 +302,7 @@ def on_fit(name: str, fit_steps: int, data_ref: str, request: gr.Request = None,
                          "fitting applies to FlexiGPT builds")
     check_server_memory(lim)
     loaded = REGISTRY.get(b.plan.base_model)
-    windows = token_windows(loaded.tokenizer, data_ref, seq_len=PREVIEW_SEQ_LEN, split="train",
-                            max_windows=CALIBRATION_WINDOWS)
+    windows = calibration_windows(loaded, data_ref)
     progress(0.0, desc="caching the pruned blocks' inputs and outputs from the original model")
 
     def tick(slot: int, done: int, total: int) -> None:

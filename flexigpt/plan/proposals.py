@@ -15,8 +15,8 @@ from typing import Any
 
 from flexigpt.methods import get_method
 from flexigpt.plan.core import Plan
-from flexigpt.plan.donors import (_check_matrix, choose_donors, donor_matrix, no_donor_errors, prefer_no_donor,
-                                  suggested_donor)
+from flexigpt.plan.donors import (NO_SHARE_ERROR_RULE, _check_matrix, choose_donors, donor_matrix, no_donor_errors,
+                                  prefer_no_donor, suggested_donor)
 from flexigpt.plan.specs import AdapterSpec, ExtendSpec, NoteValue
 from flexigpt.spans import lowest_spans
 from flexigpt.validate import MAX_BLOCKS, MAX_RATIO
@@ -100,8 +100,10 @@ def plan_from_analysis(analysis: Mapping[str, Any], ratio: float, *, method: str
     ``selection``: e.g. the removal order of iterative selection) and the share-error matrix named
     by ``donor_suggestion`` (its ``metric`` and ``rank``; override with ``metric``/``rank``).
     Where that metric also measured a slot without a donor (``function``), a flexigpt slot whose
-    block is reproduced better by its own rank-r fit gets no donor, as the analysis suggests;
-    ``keep_donors=True`` gives every slot its best donor instead.
+    block is reproduced better by its own rank-r fit gets no donor, as the analysis suggests; an
+    analysis without any share error gives every flexigpt slot no donor (``NO_SHARE_ERROR_RULE``).
+    ``keep_donors=True`` gives every slot its best donor instead (the nearest kept block without a
+    share error).
     """
     if not isinstance(analysis, Mapping):
         raise ValueError(f"analysis must be a JSON object, got {type(analysis).__name__}")
@@ -119,20 +121,26 @@ def plan_from_analysis(analysis: Mapping[str, Any], ratio: float, *, method: str
         return _span_plan(analysis, L, bi, ratio, target, adapter or AdapterSpec(), protect)
     metric, rank, matrix = donor_matrix(analysis, metric, rank)
     alone = None if keep_donors or matrix is None else no_donor_errors(analysis, metric, rank)
+    donorless = matrix is None and not keep_donors and target.allows_no_donor
     notes = {"analysis_model": analysis["model"], "analysis_fingerprint": analysis.get("fingerprint"),
              "analysis_data": analysis.get("data"), "analysis_samples": analysis.get("samples"),
              "analysis_seq_len": analysis.get("seq_len"),
-             "donor_metric": metric if matrix is not None else "nearest kept block",
+             "donor_metric": metric if matrix is not None else "none measured" if donorless else "nearest kept block",
              "donor_rank": rank if matrix is not None else None}
     if alone is not None and target.allows_no_donor:
         notes["donor_rule"] = "no donor where the block's own rank-r fit beats its best donor"
+    if donorless:
+        notes["donor_rule"] = NO_SHARE_ERROR_RULE
     if scores is not None:
         if len(scores) != L:
             raise ValueError(f"selection scores must list {L} values, got {len(scores)}")
         notes["selection"] = selection or "given scores"
-    return plan_from_scores(str(analysis["model"]), bi if scores is None else scores, ratio, share_error=matrix,
+    plan = plan_from_scores(str(analysis["model"]), bi if scores is None else scores, ratio, share_error=matrix,
                             method=method, adapter=adapter, protect=protect, extend_mode=extend_mode,
                             group_size=group_size, notes=notes, no_donor=alone)
+    for b in plan.replaced_slots if donorless else ():
+        plan = plan.with_donor(b, None)
+    return plan
 
 
 def _span_plan(analysis: Mapping[str, Any], L: int, bi: Sequence[float], ratio: float, target, adapter: AdapterSpec,
