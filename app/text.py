@@ -74,8 +74,9 @@ that is why FlexiGPT starts each replacement as an (almost) identity with a tiny
 """
 
 PLAN_HELP = """
-The ratio slider proposes a plan: prune the lowest-BI blocks and give each its suggested donor.
-Then edit it by hand: pick a block, **keep** or **prune** it and choose the **donor** of a pruned
+The ratio slider proposes a plan: prune the lowest-BI blocks and give each its suggested donor, or
+**no donor** where the share error (tab 3) finds the block's own low-rank fit better, and everywhere
+before the share error is computed (slots without donors won every benchmark we ran). Then edit it by hand: pick a block, **keep** or **prune** it and choose the **donor** of a pruned
 block; or upload a `plan.json`. Every edit is checked at once (a donor must be a kept block). Methods: **FlexiGPT** (replacement slots share a donor + adapter),
 **drop** (ShortGPT: the blocks are removed), **extend** (copy blocks to make the model deeper),
 **FoldGPT** (remove the lowest-gated blocks, or the lowest-BI ones until gates are trained in tab 2;

@@ -212,7 +212,8 @@ def on_out_norm(plan, label: str):
 @user_errors
 def on_edit(plan, block, action: str, donor, request: gr.Request = None):
     """Keep or prune one block, optionally with a hand-picked donor (0-based ids); the "auto"
-    donor is the share-error suggestion of this visit's analysis, else the nearest kept block."""
+    donor is the share-error suggestion of this visit's analysis (``drop_with_suggestion``): no donor
+    where it says so or where no share error was measured, else its suggested donor."""
     if plan is None:
         raise ValueError("there is no plan yet: score the blocks and move the ratio slider first")
     b = limits.check_int("block", block, 0, plan.num_blocks - 1)
