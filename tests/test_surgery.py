@@ -153,3 +153,26 @@ def test_embedded_flexigpt_starts_at_the_drop_and_extend_at_the_original(smollm)
     low = sorted(range(2, 28), key=lambda b: bi[b])[:6]
     extended = _ppl(apply_plan(model, extend_plan("default", 30, low, "block")), held)
     assert abs(extended - original) / original < 0.01, (extended, original)
+
+
+@pytest.mark.parametrize("layer_map", [
+    (0, 1, 1, 4, 4, 5),        # two slots, each on its own donor
+    (0, 1, 1, 1, 4, 5),        # one donor run three times
+    (0, 1, None, None, 4, 5),  # slots without donors
+    (0, 1, 4, 5),              # a plain drop
+], ids=["donors", "one-donor-thrice", "no-donor", "drop"])
+def test_cached_greedy_decoding_equals_recomputing_every_step(tiny_model, layer_map):
+    """A slot that runs a donor's attention must keep its own KV-cache entry: greedy decoding with the
+    cache (as the chat tab and the fidelity check run) equals recomputing the whole sequence each step."""
+    method = "flexigpt" if len(layer_map) == 6 else "drop"
+    model = apply_plan(tiny_model, Plan("tiny", 6, tuple(layer_map), method, AdapterSpec(rank=4, init="svd")))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, p in trainable_parameters(model) if method == "flexigpt" else ():
+            p.add_(0.05 * torch.randn_like(p))  # adapters and scales away from their start, so slots differ
+        cached = model.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=10, do_sample=False,
+                                pad_token_id=1, use_cache=True)
+        seq = IDS
+        for _ in range(10):
+            seq = torch.cat([seq, model(input_ids=seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(cached, seq)
