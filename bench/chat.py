@@ -23,7 +23,7 @@ perplexity within 10 % of `lm:default` (when that recipe is in the run).
     python bench/chat.py --recipes lm:default,distill:chat --steps 3 --eval-windows 4   # smoke run
     python bench/chat.py --select iterative --recipes lm:mixed --steps 100 --json   # SLEB's blocks instead of BI's
     python bench/chat.py --select iterative --select-data chat --recipes lm:mixed --steps 100 --json   # SLEB on chat
-    python bench/chat.py --donors nearest --recipes lm:mixed --steps 100 --json   # donors as the app proposes them before a share-error run
+    python bench/chat.py --donors nearest --recipes lm:mixed --steps 100 --json   # each slot on its nearest kept block (the app's proposal before a share-error run, until 2026-12-06)
     python bench/chat.py --calib-data chat --recipes lm:mixed --steps 100 --json   # slots calibrated on the chat data alone
 """
 from __future__ import annotations
@@ -101,7 +101,7 @@ def main() -> None:
                          "own chat replies, or the mix recovery reads")
     ap.add_argument("--donors", default="analysis", choices=("analysis", "nearest"),
                     help="slot donors: the analysis's suggestion as `plan` makes it (default), or the nearest kept "
-                         "block, as a plan proposed before any share-error run gets them")
+                         "block (what a plan proposed before any share-error run got until 2026-12-06)")
     ap.add_argument("--recipes", default=None, help="comma-separated OBJECTIVE:DATA recipes, e.g. lm:default,distill:chat")
     ap.add_argument("--objective", default="lm", choices=OBJECTIVES, help="the one recipe's objective without --recipes")
     ap.add_argument("--data", default="default", choices=DATA, help="the one recipe's data without --recipes")
@@ -150,11 +150,12 @@ def main() -> None:
                                        fraction=args.mix_fraction)
         sel = iterative_selection(base, sel_windows, int(round(args.ratio * L)))
         scores, selection = sel.scores(L), "iterative"
-    if args.donors == "nearest":  # the analysis without its share error: plan_from_analysis falls back to nearest kept
+    nearest = args.donors == "nearest"
+    if nearest:  # without its share error (and with keep_donors) plan_from_analysis gives each slot its nearest kept block
         analysis = {k: v for k, v in analysis.items() if k not in ("share_error", "donor_suggestion")}
     plan = plan_from_analysis(analysis, args.ratio, method="flexigpt", adapter=AdapterSpec(rank=args.rank,
                                                                                             init=args.init),
-                              scores=scores, selection=selection)
+                              scores=scores, selection=selection, keep_donors=nearest)
     if args.kept_lora_rank:
         plan = plan.with_kept_lora(args.kept_lora_rank)
     held = token_windows(tok, "default", seq_len=args.seq_len, split="heldout", max_windows=args.eval_windows)
