@@ -98,7 +98,9 @@ def test_cli_plan_align_flag(tmp_path, capsys):
     analysis = {"format_version": 1, "model": "default", "num_blocks": 6, "block_influence": [0.9, 0.1, 0.05, 0.3, 0.02, 0.5]}
     (tmp_path / "analysis.json").write_text(json.dumps(analysis))
     out = tmp_path / "plan.json"
-    assert main(["plan", "--analysis", str(tmp_path), "--ratio", "0.34", "--align", "--out", str(out)]) == 0
+    # no share error in this analysis: --keep-donors gives the slots donors (nearest kept) to align
+    assert main(["plan", "--analysis", str(tmp_path), "--ratio", "0.34", "--align", "--keep-donors",
+                 "--out", str(out)]) == 0
     plan = Plan.from_json(out.read_text())
     assert plan.adapter.align and json.loads(out.read_text())["format_version"] == 2
     assert main(["plan", "--from-plan", str(out), "--no-align", "--out", str(out)]) == 0

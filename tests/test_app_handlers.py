@@ -283,6 +283,21 @@ def test_story_on_the_tiny_model(tiny_folder, tiny_text_file, request_, monkeypa
     plan_path = export_tab.on_plan_file("flexigpt 33% r4", request_)
     assert json.loads(open(plan_path).read())["layer_map"] == list(plan.layer_map)
 
+    # a build that ends its turn at once: the bubble says so, and the marker never reaches a model
+    import torch
+
+    b = session.work(request_.session_hash).builds["flexigpt 33% r4"]
+    head = torch.nn.Linear(b.model.lm_head.in_features, b.model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[b.tokenizer.eos_token_id] = 100.0  # always the end of the turn
+    b.model.lm_head = head
+    left, right, _, status = list(chat_tab.on_chat("w1 w2", "flexigpt 33% r4", [], [], 4, 0.0, 1.0, tiny_folder,
+                                                   request_))[-1]
+    assert right[-1]["content"] == chat_tab.EMPTY_REPLY and "flexigpt 33% r4: n/a (empty reply)" in status
+    assert chat_tab.plain_messages(right)[-1] == {"role": "assistant", "content": ""}
+
 
 def test_example_plans_load_for_the_embedded_model(request_):
     from flexigpt.plan import Plan

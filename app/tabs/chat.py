@@ -25,6 +25,11 @@ def plain_text(content) -> str:
     return "" if content is None else str(content)
 
 
+# Shown in place of an empty reply (a model that ends its turn at once, as a briefly recovered build may),
+# so the bubble is not blank; plain_messages turns it back into "" before the history reaches a model.
+EMPTY_REPLY = "(no reply: the model ended its turn at once)"
+
+
 def plain_messages(history, max_chars: int | None = None) -> list[dict]:
     """The chat history a client sent back, checked: only user/assistant turns of text, control
     characters removed, at most ``max_chars`` characters in all (ValueError beyond)."""
@@ -37,6 +42,8 @@ def plain_messages(history, max_chars: int | None = None) -> list[dict]:
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             raise ValueError(f"chat history message {i} must have role 'user' or 'assistant', got {str(m)[:80]!r}")
         content, _ = limits.clean_text(plain_text(m.get("content")), 10**9)
+        if m["role"] == "assistant" and content == EMPTY_REPLY:
+            content = ""  # the marker the tab shows for an empty reply is not what the model said
         out.append({"role": m["role"], "content": content})
     total = sum(len(m["content"]) for m in out)
     if max_chars is not None and total > max_chars:
@@ -172,7 +179,11 @@ def on_chat(message: str, build: str, left: list, right: list, max_new_tokens: i
         replies[i] = chunk  # stream_reply yields the whole reply so far
         left[-1]["content"], right[-1]["content"] = replies
         yield left, right, "", "streaming…"
-    firsts = ", ".join(f"{n}: {'n/a' if f is None else f'{f:.1f} s'}" for n, f in zip((ORIGINAL, build), first))
+    for turn, text in ((left[-1], replies[0]), (right[-1], replies[1])):
+        if not text.strip():
+            turn["content"] = EMPTY_REPLY
+    firsts = ", ".join(f"{n}: {'n/a (empty reply)' if f is None else f'{f:.1f} s'}"
+                       for n, f in zip((ORIGINAL, build), first))
     note = f" Note: your message was changed: {'; '.join(notes)}." if notes else ""
     yield (left, right, "",
            f"First token after {firsts}; total {time.perf_counter() - start:.1f} s."
