@@ -81,7 +81,7 @@ def _row(name: str, report, ppls: tuple[float, float], original, **extra) -> dic
             "passed": report.passed, "degenerate": report.degenerate,
             "lost_vs_original": len(report.regressions(original)) if original is not None else 0,
             "ppl_heldout": ppls[0], "ppl_other": ppls[1], "fidelity_seconds": round(report.seconds, 1),
-            "by_kind": {k: {"passed": p, "prompts": n} for k, (p, n) in report.by_kind().items()}, **extra}
+            "by_kind": report.to_dict(rows=False)["by_kind"], **extra}
 
 
 def main() -> None:
@@ -260,8 +260,8 @@ def main() -> None:
     print(f"recovery: {args.steps} steps x batch {args.batch_size} x {args.seq_len} tokens, lr {args.lr}, "
           f"gate lr x{args.gate_lr_scale:g}, kept-block LoRA rank {args.kept_lora_rank or 'none'}; "
           f"mixed = {args.mix_fraction:g} chat; chat loss on {args.chat_loss}")
-    kinds = list(original.by_kind())
-    print(f"answered by kind ({', '.join(f'{k}: {n}' for k, (_, n) in original.by_kind().items())} prompts):")
+    kinds = original.by_kind()
+    print(f"answered by kind ({', '.join(f'{k}: {n}' for k, (_, n) in kinds.items())} prompts):")
     for r in rows:
         print(f"  {r['method']:<{w}}" + "".join(f"{k} {r['by_kind'].get(k, {}).get('passed', 0):>3}  " for k in kinds))
     print(f"{'method':<{w}}{'score':>7}{'agree':>7}{'degen':>7}{'lost':>6}{'ppl':>9}{'other':>9}{'ppl/lm':>8}{'s/step':>8}{'meets':>7}")

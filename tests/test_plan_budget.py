@@ -96,6 +96,7 @@ def test_app_plan_tab_splits_a_text_models_budget_as_the_cli_does(request_, chat
     assert (drop.method, drop.kept_lora_rank, drop.note("budget")) == ("drop", None, None)  # recovery matches its LoRA
     back = plan_tab.on_method(drop, "FlexiGPT (share a donor + adapter)", 0.34, 8, request_)
     assert (back.adapter.rank, back.kept_lora_rank) == expected and back.pruned_blocks == plan.pruned_blocks
+    assert back.donors == plan.donors == {b: None for b in plan.pruned_blocks}  # no share error: no donor, as proposed
     if expected[1]:
         lines = plan_tab.plan_message(plan, {"num_parameters": 10 ** 6}, _Counts())
         assert f"rank-{expected[1]} LoRA" in lines and "no chat template" in lines

@@ -141,6 +141,15 @@ def chat_prompts(source: str, windows: int, seq_len: int) -> int:
     return min(CHAT_PROMPTS_MAX, 64 * max(1, math.ceil(chat_windows * seq_len / (40 * 64))))
 
 
+def calibration_source(tokenizer, data_ref: str) -> str:
+    """What a build's slots calibrate on: the recovery data of the model's default recipe (``mixed`` for
+    a chat model), else the text ``data_ref``."""
+    from flexigpt.pipeline import default_recovery
+    from flexigpt.recovery_data import has_chat_template
+
+    return default_recovery(has_chat_template(tokenizer))[1] or data_ref
+
+
 def calibration_windows(loaded, data_ref: str):
     """The windows a build's slots calibrate on (whitened init, fit slots), as `build --steps N` reads
     them: ``CALIBRATION_WINDOWS`` windows of ``RunOptions``' length from the recovery data the model's
@@ -148,13 +157,14 @@ def calibration_windows(loaded, data_ref: str):
     prompts, where `build` reads all of them; the text of tab 1 otherwise). Measured on the chat model
     (bench/chat.py, 100 steps): slots calibrated on the text alone gave 13 looping replies of 73, on
     the mixed data 2."""
-    from flexigpt.pipeline import CHAT_SHARE, RunOptions, default_recovery
-    from flexigpt.recovery_data import has_chat_template, recovery_windows
+    from flexigpt.pipeline import CHAT_SHARE, RunOptions
+    from flexigpt.recovery_data import recovery_windows
 
     data_ref = limits.check_data_ref(data_ref)
-    source = default_recovery(has_chat_template(loaded.tokenizer))[1] or data_ref
+    source = calibration_source(loaded.tokenizer, data_ref)
     context = getattr(loaded.model.config, "max_position_embeddings", None) or None
-    seq_len = min(RunOptions(out="").seq_len, limits.current().seq_len, context or RunOptions(out="").seq_len)
+    build_seq_len = RunOptions(out="").seq_len
+    seq_len = min(build_seq_len, limits.current().seq_len, context or build_seq_len)
     return recovery_windows(loaded.model, loaded.tokenizer, source, text=data_ref, seq_len=seq_len,
                             max_windows=CALIBRATION_WINDOWS, max_len=context, fraction=CHAT_SHARE,
                             prompts=chat_prompts(source, CALIBRATION_WINDOWS, seq_len) if source != data_ref else None)
@@ -178,6 +188,8 @@ def _fit_summary(report: dict | None) -> str:
 def on_build(plan, data_ref: str, also_drop: bool, token: int, request: gr.Request = None, progress=gr.Progress()):
     """Build the plan (and the plain-drop baseline of the same blocks); returns
     (status, build choices update, builds token)."""
+    from flexigpt.pipeline import needs_calibration
+
     if plan is None:
         raise ValueError("there is no plan yet: set one in tab 4 first")
     key = session_key(request)
@@ -194,10 +206,9 @@ def on_build(plan, data_ref: str, also_drop: bool, token: int, request: gr.Reque
     admit_build(key, [build_name(p) for p in todo])  # the count limits, before any work
     lines = [f"Original: perplexity **{ppl0:.2f}**."]
     built = []
-    from flexigpt.pipeline import needs_calibration
-    from flexigpt.recovery_data import has_chat_template
     for i, p in enumerate(todo):
-        chat_calibration = needs_calibration(p) and has_chat_template(REGISTRY.get(p.base_model).tokenizer)
+        chat_calibration = (needs_calibration(p)
+                            and calibration_source(REGISTRY.get(p.base_model).tokenizer, data_ref) != data_ref)
         progress(0.2 + 0.7 * i / len(todo), desc=f"building {build_name(p)}" + (
             " (its slots calibrate on a fifth chat: on a fresh server the original model first writes 64 chat "
             "replies, a minute or two on 2 cores, once)" if chat_calibration else ""))

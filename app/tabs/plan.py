@@ -40,6 +40,7 @@ def on_propose(ratio: float, method_label: str, rank: int, request: gr.Request =
     """A fresh plan from the stored analysis: prune (or copy) the lowest-BI ``ratio`` of blocks;
     FoldGPT removes the lowest-gated blocks when gates were trained in tab 2."""
     from flexigpt.plan import AdapterSpec, foldgpt_plan, plan_from_analysis
+    from flexigpt.plan.budget import analysis_budget
 
     analysis = _analysis(session_key(request))
     method = METHODS.get(method_label, method_label)
@@ -53,16 +54,9 @@ def on_propose(ratio: float, method_label: str, rank: int, request: gr.Request =
             return foldgpt_plan(str(analysis["model"]), gates, ratio, size, adapter=AdapterSpec(rank=rank),
                                 notes={"gates_steps": steps, "analysis_data": analysis.get("data")})
         return plan_from_analysis(analysis, ratio, method="foldgpt", adapter=AdapterSpec(rank=rank), group_size=size)
-    return _budget(analysis, plan_from_analysis(analysis, ratio, method=method,
-                                                adapter=AdapterSpec(rank=rank, align=bool(align))))
-
-
-def _budget(analysis: dict, plan):
-    """A text model's plan spends the slots' budget as ``plan`` on the CLI does (the measured split;
-    a rank typed by hand afterwards undoes it, see ``on_rank``)."""
-    from flexigpt.plan.budget import analysis_budget
-
-    return analysis_budget(plan, analysis)
+    # a text model's plan spends the slots' budget as `plan` does (a rank typed afterwards undoes it: on_rank)
+    return analysis_budget(plan_from_analysis(analysis, ratio, method=method,
+                                              adapter=AdapterSpec(rank=rank, align=bool(align))), analysis)
 
 
 SLEB_WINDOWS, SLEB_SEQ_LEN = 8, 128  # calibration for iterative selection (enough to rank blocks)
@@ -75,6 +69,7 @@ def on_iterative(ratio: float, method_label: str, rank: int, request: gr.Request
     removal raises calibration perplexity least, re-measure on the cut model, repeat); cached."""
     from flexigpt.data import token_windows
     from flexigpt.plan import AdapterSpec, plan_from_analysis
+    from flexigpt.plan.budget import analysis_budget
     from flexigpt.selection import iterative_selection
 
     analysis = _analysis(session_key(request))
@@ -90,10 +85,10 @@ def on_iterative(ratio: float, method_label: str, rank: int, request: gr.Request
                             seq_len=SLEB_SEQ_LEN, split="train", max_windows=SLEB_WINDOWS)
     progress(0.0, desc=f"iterative selection of {n} blocks")
     result = iterative_selection(loaded.model, windows, n, callback=lambda f, m: progress(f, desc=m))
-    return _budget(analysis, plan_from_analysis(
+    return analysis_budget(plan_from_analysis(
         analysis, ratio, method=method, adapter=AdapterSpec(rank=rank, align=bool(align)),
         group_size=limits.check_int("group size", group_size, 1, 64), scores=result.scores(L),
-        selection="iterative (SLEB)"))
+        selection="iterative (SLEB)"), analysis)
 
 
 def iterative_view(ratio: float, method_label: str, rank: int, group_size: int = 2, align: bool = False,
@@ -117,14 +112,21 @@ def on_analysis(plan, ratio: float, method_label: str, rank: int, request: gr.Re
     """A new analysis (block scores or share error) arrived. Without a plan for this model, propose
     one; with one, keep the user's work: its pruned set, method and hand-picked donors stay, and
     only donors left on "auto" follow the new analysis' suggestion."""
-    from flexigpt.plan import suggested_donor, suggests_no_donor
-
     analysis = work(session_key(request)).analysis
     if (plan is None or analysis is None or str(analysis.get("model")) != plan.base_model
             or analysis.get("num_blocks") != plan.num_blocks):
         return on_propose.__wrapped__(ratio, method_label, rank, request, group_size, align)
     if not plan.method_spec.chooses_donors:
         return plan
+    return _auto_donors(plan, analysis)
+
+
+def _auto_donors(plan, analysis: dict):
+    """``plan`` with every donor left on "auto" set as the analysis suggests (as a proposal would set
+    it: no donor where it says so, or where it measured no share error; else its suggested donor);
+    hand-picked donors stay."""
+    from flexigpt.plan import suggested_donor, suggests_no_donor
+
     hand, new = _hand_donors(plan), plan
     for b in plan.pruned_blocks:
         if b in hand:
@@ -150,19 +152,16 @@ def on_method(plan, method_label: str, ratio: float, rank: int, request: gr.Requ
     proposes = method in ("extend", "foldgpt") or get_method(method).uses_spans  # a span method: lowest-distance span
     if plan is None or proposes or plan.method == "extend":
         return on_propose.__wrapped__(ratio, method_label, rank, request, group_size, align)
-    donors = None
-    analysis = work(session_key(request)).analysis
-    if method == "flexigpt" and analysis is not None:
-        sugg = (analysis.get("donor_suggestion") or {}).get("donors") or {}
-        kept = set(plan.with_method("drop").layer_map)  # blocks that keep their own slot
-        donors = {int(k): int(v) for k, v in sugg.items() if int(v) in kept}
-    new = plan.with_method(method, donors)
-    from flexigpt.plan.budget import undo_text_budget
+    from flexigpt.plan.budget import analysis_budget, undo_text_budget
 
+    analysis = work(session_key(request)).analysis
+    new = plan.with_method(method)
+    if method == "flexigpt" and plan.method != method and analysis is not None:
+        new = _auto_donors(new, analysis)  # the donors a proposal of the same blocks would get
     # a text model's split belongs to FlexiGPT's slots: a drop gets its matched LoRA instead
     split, new = plan.note("budget") is not None, undo_text_budget(new)
     if method == "flexigpt" and (split or plan.method == "drop") and analysis is not None:
-        new = _budget(analysis, new)  # back to FlexiGPT: the split again, as a fresh proposal would have it
+        new = analysis_budget(new, analysis)  # back to FlexiGPT: the split again, as a fresh proposal would have it
     return new.with_adapter(align=bool(align)) if method == "flexigpt" else new
 
 

@@ -138,8 +138,9 @@ def plan_from_analysis(analysis: Mapping[str, Any], ratio: float, *, method: str
     plan = plan_from_scores(str(analysis["model"]), bi if scores is None else scores, ratio, share_error=matrix,
                             method=method, adapter=adapter, protect=protect, extend_mode=extend_mode,
                             group_size=group_size, notes=notes, no_donor=alone)
-    for b in plan.replaced_slots if donorless else ():
-        plan = plan.with_donor(b, None)
+    if donorless:
+        for b in plan.replaced_slots:
+            plan = plan.with_donor(b, None)
     return plan
 
 
