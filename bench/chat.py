@@ -49,7 +49,8 @@ from flexigpt.data import token_windows  # noqa: E402
 from flexigpt.fidelity import builtin_prompts, chat_fidelity, load_prompts  # noqa: E402
 from flexigpt.models import load_model  # noqa: E402
 from flexigpt.params import measure_params  # noqa: E402
-from flexigpt.pipeline import CHAT_LOSS, CHAT_LOSSES, CHAT_SHARE, build, needs_calibration, recover_model  # noqa: E402
+from flexigpt.pipeline import CHAT_LOSS, CHAT_LOSSES, CHAT_SHARE, build, default_rates, needs_calibration  # noqa: E402
+from flexigpt.pipeline import recover_model  # noqa: E402
 from flexigpt.plan import AdapterSpec, plan_from_analysis  # noqa: E402
 from flexigpt.plan.specs import ADAPTER_INITS  # noqa: E402
 from flexigpt.recover import RecoverSpec  # noqa: E402
@@ -108,8 +109,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=RecoverSpec().batch_size)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=RecoverSpec().lr)
-    ap.add_argument("--gate-lr-scale", type=float, default=RecoverSpec().gate_lr_scale,
+    chat_rates = default_rates(True)  # `build`'s rates for a chat model
+    ap.add_argument("--lr", type=float, default=chat_rates["lr"])
+    ap.add_argument("--gate-lr-scale", type=float, default=chat_rates["gate_lr_scale"],
                     help="learning-rate multiplier of output-norm scales, norms and biases (as `build --gate-lr-scale`)")
     ap.add_argument("--kept-lora-rank", type=int, default=None,
                     help="also put LoRA of this rank on the kept blocks (as `build --kept-lora-rank`; default none)")

@@ -1,8 +1,9 @@
 """Does replacing beat dropping? An honest side-by-side recovery benchmark on one machine, one run.
 
 On the embedded model (or --model) at --ratio (default 0.3: the 9 lowest-BI of 30 blocks), with
-the same recovery data, steps and tokens for every trained row (and --objective, default
-next-token loss, except where a row names its own):
+the same recovery data, steps, tokens and learning rates for every trained row (`build`'s rates for
+a text model, flexigpt.pipeline.default_rates; and --objective, default next-token loss, except
+where a row names its own):
 
 - original                   no training (the reference)
 - original + LoRA (=r8)      the same budget of LoRA on the unpruned model: how much the recovery
@@ -69,7 +70,8 @@ from flexigpt.analysis import analyze  # noqa: E402
 from flexigpt.data import token_windows  # noqa: E402
 from flexigpt.models import load_model  # noqa: E402
 from flexigpt.params import estimate_params, matched_lora_rank, measure_params  # noqa: E402
-from flexigpt.pipeline import TEXT_RECIPE, build, default_fit_steps, needs_calibration, recover_model  # noqa: E402
+from flexigpt.pipeline import TEXT_RECIPE, build, default_fit_steps, default_rates, needs_calibration  # noqa: E402
+from flexigpt.pipeline import recover_model  # noqa: E402
 from flexigpt.plan import AdapterSpec, Plan, plan_from_analysis  # noqa: E402
 from flexigpt.plan.budget import text_model_budget  # noqa: E402
 from flexigpt.recover import RecoverSpec  # noqa: E402
@@ -164,8 +166,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=RecoverSpec().lr)
-    ap.add_argument("--gate-lr-scale", type=float, default=RecoverSpec().gate_lr_scale)
+    text_rates = default_rates(False)  # every row recovers at the rates `build` uses for a text model
+    ap.add_argument("--lr", type=float, default=text_rates["lr"])
+    ap.add_argument("--gate-lr-scale", type=float, default=text_rates["gate_lr_scale"])
+    ap.add_argument("--kd-weight", type=float, default=text_rates["kd_weight"],
+                    help="weight of the logit KL of the rows recovered with distillation (FoldGPT's cure sets its own)")
     ap.add_argument("--objective", default="lm", choices=("lm", "distill", "mix"))
     ap.add_argument("--fit-steps", type=int, default=200, help="local fitting steps of the streamline row")
     ap.add_argument("--out-norm", default=None, choices=("layernorm", "scale"),
@@ -191,8 +196,8 @@ def main() -> None:
     base, tok = loaded.model, loaded.tokenizer
     analysis = analyze(base, tok, model_ref=args.model, data=args.data, samples=args.calib_windows,
                        seq_len=min(args.seq_len, 256), ranks=(8, 32), ratio=args.ratio).to_dict()
-    spec = RecoverSpec(steps=args.steps, lr=args.lr, gate_lr_scale=args.gate_lr_scale, batch_size=args.batch_size,
-                       seq_len=args.seq_len, objective=args.objective, checkpoint_every=0)
+    spec = RecoverSpec(steps=args.steps, lr=args.lr, gate_lr_scale=args.gate_lr_scale, kd_weight=args.kd_weight,
+                       batch_size=args.batch_size, seq_len=args.seq_len, objective=args.objective, checkpoint_every=0)
     train = token_windows(tok, args.data, seq_len=args.seq_len, split="train")
     calib = token_windows(tok, args.data, seq_len=min(args.seq_len, 256), split="train", max_windows=args.calib_windows)
     held = token_windows(tok, args.data, seq_len=args.seq_len, split="heldout", max_windows=args.eval_windows)

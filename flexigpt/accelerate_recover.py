@@ -17,9 +17,11 @@ Usage::
     accelerate launch --num_processes 4 -m flexigpt.accelerate_recover \\
         --model default --plan plan.json --objective distill --out runs/r2
 
-Recovery data and objective default to the recipe ``build`` uses (``flexigpt.pipeline.default_recovery``:
-next-token loss on ``mixed`` chat + text data for a model with a chat template, on ``--data`` otherwise);
-``--train-data``, ``--chat-share``, ``--chat-loss`` and ``--objective`` choose another, as in ``build``.
+Recovery data, objective and rates default to the recipe ``build`` uses (``flexigpt.pipeline.default_recovery``
+and ``default_rates``: next-token loss on ``mixed`` chat + text data at lr 1e-3 for a model with a chat
+template; otherwise next-token loss plus distillation on ``--data`` at lr 2e-3); ``--train-data``,
+``--chat-share``, ``--chat-loss``, ``--objective``, ``--lr``, ``--gate-lr-scale`` and ``--kd-weight``
+choose another, as in ``build``.
 
 Outputs in ``--out``: ``trainable.safetensors`` (load with ``flexigpt.recover.load_trainable``
 into a model built the same way), ``recover-log.jsonl`` (one ``StepLog`` per line),
@@ -65,7 +67,7 @@ import torch.nn as nn
 from flexigpt.adapters import inject_lora, lora_factor_modules, matrix_ranks, valid_targets
 from flexigpt.arch import arch_of, get_blocks
 from flexigpt.recover import recover, save_trainable, trainable_state
-from flexigpt.recover_spec import add_arguments, add_data_arguments, from_args
+from flexigpt.recover_spec import RATE_FIELDS, add_arguments, add_data_arguments, from_args
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the frozen weights (trainable tensors are always fp32); bfloat16 halves GPU memory")
     p.add_argument("-v", "--verbose", action="store_true")
-    add_arguments(p, defaults={"objective": None},
-                  help_overrides={"objective": "lm, distill or mix (default: as `build`, the measured best recipe for "
-                                               "the model, flexigpt.pipeline.default_recovery)"})
+    as_build = " (default: as `build`, the measured best recipe for the model, flexigpt.pipeline.default_{})"
+    add_arguments(p, defaults={"objective": None, **{f: None for f in RATE_FIELDS}},
+                  help_overrides={"objective": "lm, distill or mix" + as_build.format("recovery"),
+                                  "lr": "peak learning rate of the adapter matrices" + as_build.format("rates"),
+                                  "gate_lr_scale": "learning-rate multiplier (and no weight decay) for output-norm "
+                                                   "scales, norms and biases" + as_build.format("rates"),
+                                  "kd_weight": "weight of the logit distillation term" + as_build.format("rates")})
     return p
 
 
@@ -156,7 +162,7 @@ def run(args: argparse.Namespace) -> dict | None:
 
     # imported on first use: keeps importing this module light; the recipe is the one `build` uses
     from flexigpt.models import load_model
-    from flexigpt.pipeline import CHAT_LOSS, CHAT_SHARE, build, check_fit_steps, default_recovery
+    from flexigpt.pipeline import CHAT_LOSS, CHAT_SHARE, build, check_fit_steps, default_rates, default_recovery
     from flexigpt.pipeline import needs_calibration, recipe, resolve_fit_steps
     from flexigpt.plan import Plan
     from flexigpt.recovery_data import RECOVERY_SOURCES, has_chat_template, recovery_windows
@@ -172,8 +178,10 @@ def run(args: argparse.Namespace) -> dict | None:
         raise ValueError(f"--dtype {args.dtype} needs mixed precision (autocast); use --mixed-precision bf16 or fp16")
     loaded = load_model(args.model, dtype=args.dtype)
     base, tok = loaded.model, loaded.tokenizer
-    objective, data = default_recovery(has_chat_template(tok))
-    spec = from_args(args, objective=args.objective or objective)
+    chat = has_chat_template(tok)
+    objective, data = default_recovery(chat)
+    spec = from_args(args, objective=args.objective or objective,
+                     **{k: v for k, v in default_rates(chat).items() if getattr(args, k) is None})
     train_ref = args.train_data or data or args.data
     context = getattr(base.config, "max_position_embeddings", None)
     # before any adapter touches the base: chat data are the original model's own replies. The main

@@ -32,12 +32,15 @@ from flexigpt.export import save_compact, save_merged
 from flexigpt.params import matched_lora_rank, measure_params
 from flexigpt.plan import Plan
 from flexigpt.recover import RecoverSpec, StepLog, recover
+from flexigpt.recover_spec import CHAT_RATES, RATE_FIELDS, TEXT_RATES, default_rates  # the recipes' rates
 from flexigpt.recovery_data import RECOVERY_SOURCES, has_chat_template, recovery_windows
 from flexigpt.surgery import apply_plan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHAT_LOSS", "CHAT_LOSSES", "CHAT_RECIPE", "CHAT_SHARE", "TEXT_FIT_STEPS", "TEXT_RECIPE", "RunOptions", "build", "check_fit_steps", "default_fit_steps", "default_recovery",
+__all__ = ["CHAT_LOSS", "CHAT_LOSSES", "CHAT_RATES", "CHAT_RECIPE", "CHAT_SHARE", "RATE_FIELDS", "TEXT_FIT_STEPS",
+           "TEXT_RATES", "TEXT_RECIPE", "RunOptions", "build", "check_fit_steps", "default_fit_steps", "default_rates",
+           "default_recovery",
            "drop_baseline", "needs_calibration", "recipe", "resolve_fit_steps",
            "recover_model", "run"]
 

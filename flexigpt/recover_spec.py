@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["HIDDEN_LAYERS", "OBJECTIVES", "RecoverSpec", "add_arguments", "from_args"]
+__all__ = ["CHAT_RATES", "HIDDEN_LAYERS", "OBJECTIVES", "RATE_FIELDS", "TEXT_RATES", "RecoverSpec", "add_arguments",
+           "default_rates", "from_args"]
 
 OBJECTIVES = ("lm", "distill", "mix")
 HIDDEN_LAYERS = ("last", "all")
@@ -71,7 +72,9 @@ class RecoverSpec:
     went from 30 to 15 with it, so gates learn at the same absolute rate as before. ``kd_weight``
     2 ("Local fitting and the distillation weight"): with `mix` on the text it trades a little
     in-domain perplexity for more on another text (FlexiGPT r8 with 200 fit steps: 18.33 / 135.83
-    against 17.88 / 138.50 at weight 1; 3 gives 18.68 / 134.90).
+    against 17.88 / 138.50 at weight 1; 3 gives 18.68 / 134.90). These are the chat recipe's rates;
+    ``build`` recovers a model without a chat template at ``TEXT_RATES`` (lr 2e-3, gate x7.5, KL
+    weight 1; ``default_rates``), which won on the text once local fitting and the budget split were in.
     """
 
     steps: int = _f(200, "recovery steps")
@@ -142,6 +145,26 @@ class RecoverSpec:
         return cls(**{k: tuple(v) if k == "betas" else v for k, v in data.items()})
 
 
+# The optimiser rates of each recipe, where they differ from RecoverSpec's defaults: what `build` (no --lr,
+# --gate-lr-scale or --kd-weight), the accelerate entry and the app recover with. Measured with 100 steps on
+# the embedded model (bench/RESULTS.md, "A learning rate and KL weight per recipe"): for a text model, twice the
+# learning rate with the KL at weight 1 gives `plan`'s default FlexiGPT build 15.99 / 124.96 (held-out / other
+# text) against 17.94 / 126.27 at RecoverSpec's rates, and 16.31 / 123.46 at weight 1.5, 16.58 / 122.77 at 2;
+# drop + LoRA at that rate ends at 16.42 / 135.86 (19.49 / 133.51 at 1e-3). The gate multiplier is halved with
+# the rate, so output scales and norms learn at the same absolute rate. The chat recipe keeps RecoverSpec's
+# rates: at 2e-3 it answered 18 fidelity prompts of 73 with 4 looping replies, against 20 with 2.
+RATE_FIELDS = ("lr", "gate_lr_scale", "kd_weight")
+CHAT_RATES: dict[str, float] = {}
+TEXT_RATES: dict[str, float] = {"lr": 2e-3, "gate_lr_scale": 7.5, "kd_weight": 1.0}
+
+
+def default_rates(chat_model: bool) -> dict[str, float]:
+    """The ``RecoverSpec`` rates (``RATE_FIELDS``) of the recipe ``build`` uses for the model when
+    the user names none: ``TEXT_RATES`` or ``CHAT_RATES`` over RecoverSpec's defaults."""
+    spec = RecoverSpec()
+    return {**{f: getattr(spec, f) for f in RATE_FIELDS}, **(CHAT_RATES if chat_model else TEXT_RATES)}
+
+
 _TYPES = {"steps": int, "batch_size": int, "grad_accum": int, "seq_len": int, "seed": int, "checkpoint_every": int,
           "objective": str, "hidden_layers": str}
 
@@ -189,9 +212,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace, **changes: Any) -> RecoverSpec:
-    """The ``RecoverSpec`` of the flags ``add_arguments`` added (fields not on ``args`` keep
-    their defaults); ``changes`` override. ``--clip 0`` means no clipping."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RecoverSpec) if hasattr(args, f.name)}
+    """The ``RecoverSpec`` of the flags ``add_arguments`` added (fields not on ``args``, and flags
+    left at ``None``, which a caller's recipe decides, keep the spec's defaults); ``changes``
+    override. ``--clip 0`` means no clipping."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RecoverSpec)
+              if hasattr(args, f.name) and (getattr(args, f.name) is not None or f.name == "clip")}
     values.update(changes)
     if values.get("clip") == 0:
         values["clip"] = None

@@ -104,7 +104,7 @@ def test_cluster_recipe_build_under_accelerate_launch(tiny_model, tiny_tokenizer
 def test_accelerate_entry_follows_the_build_recipe(tiny_model, tiny_tokenizer, tiny_text_file, tmp_path):
     """Without --train-data, a chat model recovers on `build`'s default data (mixed chat + text);
     the chat flags are read as in `build`, and a bad share is refused before anything is written."""
-    from flexigpt.pipeline import CHAT_LOSS, CHAT_SHARE
+    from flexigpt.pipeline import CHAT_LOSS, CHAT_SHARE, RATE_FIELDS, default_rates
 
     folder = tmp_path / "model"
     tiny_model.save_pretrained(folder)
@@ -123,6 +123,7 @@ def test_accelerate_entry_follows_the_build_recipe(tiny_model, tiny_tokenizer, t
     summary = json.loads((tmp_path / "a" / "recover.json").read_text())
     assert (summary["train_data"], summary["chat_share"], summary["chat_loss"]) == ("mixed", CHAT_SHARE, CHAT_LOSS)
     assert summary["spec"]["objective"] == "lm"
+    assert {k: summary["spec"][k] for k in RATE_FIELDS} == default_rates(True)  # the chat recipe's rates
 
     proc = entry(tmp_path / "b", "--train-data", "chat", "--chat-loss", "replies")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,7 +11,8 @@ from app import session
 from app.tabs import build as build_tab
 from app.tabs import model as model_tab
 from app.tabs import plan as plan_tab
-from flexigpt.pipeline import TEXT_FIT_STEPS
+from flexigpt.pipeline import TEXT_FIT_STEPS, TEXT_RATES
+from flexigpt.recover_spec import RecoverSpec
 
 
 
@@ -202,20 +203,23 @@ def test_story_on_the_tiny_model(tiny_folder, tiny_text_file, request_, monkeypa
     finally:
         loaded.tokenizer.chat_template = template
     # the recover panel follows the picked build's model: the chat recipe here, the text recipe without a template
-    objective, source, note, fit = build_tab.on_pick_build("flexigpt 33% r4", request_)
+    objective, source, note, fit, lr, gate = build_tab.on_pick_build("flexigpt 33% r4", request_)
     assert (objective["value"], source["value"]) == build_tab.default_recipe(True) and "chat" in note["value"]
     assert fit["value"] == build_tab.FIT_STEPS  # `build` fits no slot of a chat model
+    assert (lr["value"], gate["value"]) == (RecoverSpec().lr, RecoverSpec().gate_lr_scale)  # the chat recipe's
     tok = session.work(request_.session_hash).builds["flexigpt 33% r4"].tokenizer
     template, tok.chat_template = tok.chat_template, None
     try:
-        objective, source, note, fit = build_tab.on_pick_build("flexigpt 33% r4", request_)
-        drop_fit = build_tab.on_pick_build("drop 33%", request_)[3]
+        objective, source, note, fit, lr, gate = build_tab.on_pick_build("flexigpt 33% r4", request_)
+        drop_fit, drop_lr = build_tab.on_pick_build("drop 33%", request_)[3:5]
     finally:
         tok.chat_template = template
     assert (objective["value"], source["value"]) == build_tab.default_recipe(False) == ("mix", "the text of tab 1 (train split)")
     assert "without a chat template" in note["value"] and "Fit slots" in note["value"]
     assert fit["value"] == TEXT_FIT_STEPS and drop_fit["value"] == build_tab.FIT_STEPS  # as `build` fits a text model
-    assert build_tab.on_pick_build("no such build", request_) == (gr.update(),) * 4
+    # the text recipe's rates, for FlexiGPT and drop builds alike (the baseline recovers as the slots do)
+    assert lr["value"] == drop_lr["value"] == TEXT_RATES["lr"] and gate["value"] == TEXT_RATES["gate_lr_scale"]
+    assert build_tab.on_pick_build("no such build", request_) == (gr.update(),) * 6
     # fit slots: each replaced slot trained alone; one R^2 bar pair per slot, never worse than before
     fig, msg = build_tab.on_fit("flexigpt 33% r4", 3, data, request_)
     after = dict(zip(fig.data[-1].x, fig.data[-1].y))

@@ -97,7 +97,7 @@ def test_build_recovers_a_model_without_chat_template_with_the_text_recipe(_tiny
     --data with the text recipe (next-token loss plus distillation from the original)."""
     import copy
 
-    from flexigpt.pipeline import TEXT_RECIPE
+    from flexigpt.pipeline import RATE_FIELDS, TEXT_RATES, TEXT_RECIPE, default_rates
     from flexigpt.plan import Plan
 
     folder = tmp_path / "plain"
@@ -113,6 +113,14 @@ def test_build_recovers_a_model_without_chat_template_with_the_text_recipe(_tiny
     recovery = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["recovery"]
     assert (recovery["objective"], recovery["train_data"]) == (TEXT_RECIPE[0], str(tiny_text_file))
     assert recovery["final_loss"] is not None and recovery["final_loss"] > 0
+    # and the text recipe's rates (a chat model keeps RecoverSpec's), unless a flag names one
+    assert {k: recovery[k] for k in RATE_FIELDS} == default_rates(False) != default_rates(True)
+    assert (recovery["lr"], recovery["gate_lr_scale"]) == (TEXT_RATES["lr"], TEXT_RATES["gate_lr_scale"])
+    assert main(["build", "--plan", str(plan), "--out", str(tmp_path / "m2"), "--steps", "1", "--seq-len", "16",
+                 "--batch-size", "2", "--eval-windows", "1", "--data", str(tiny_text_file), "--checkpoint-every", "0",
+                 "--lr", "3e-4", "--kd-weight", "0.5", "--json"]) == 0
+    recovery = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["recovery"]
+    assert (recovery["lr"], recovery["kd_weight"], recovery["gate_lr_scale"]) == (3e-4, 0.5, TEXT_RATES["gate_lr_scale"])
 
 
 def test_build_fits_the_slots_of_a_model_without_chat_template_by_default(_tiny_llama_base, tiny_tokenizer,

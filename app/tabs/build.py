@@ -9,7 +9,7 @@ import gradio as gr
 from app import figures, limits, tables, text
 from app.common import fmt_params, heavy, session_key, user_errors
 from app.session import MB, REGISTRY, Build, admit_build, check_server_memory, own_bytes, work
-from flexigpt.recover_spec import RecoverSpec
+from flexigpt.recover_spec import RecoverSpec, default_rates
 
 PREVIEW_WINDOWS = 4
 PREVIEW_SEQ_LEN = 128
@@ -20,7 +20,7 @@ CALIBRATION_WINDOWS = 32  # train windows the slot fits read (whitened init, fit
 RECOVER_STEPS = 100
 SEQ_LENS = (64, 128, 256)
 FIT_STEPS = 50  # the fit-slots box before a build is picked, and for a build `build` fits none (a chat model)
-DEFAULT_GATE_LR_SCALE = RecoverSpec().gate_lr_scale  # the library's default recipe
+CHAT_RATES_0 = default_rates(True)  # the panel starts with the chat recipe's rates (the embedded model's)
 OBJECTIVES = ("lm", "distill", "mix")
 CHAT_PROMPTS_MAX = 512  # distillation prompts the app generates replies for at most (the library has 356)
 TEXT = "text"
@@ -53,20 +53,22 @@ def recipe_note(chat_model: bool = True) -> str:
 
 
 def on_pick_build(name: str, request: gr.Request = None) -> tuple:
-    """The recover panel's objective, data, note and fit steps follow the picked build's model: the chat
-    recipe for a model with a chat template, the text recipe otherwise, and the fit steps `build` runs
-    for it (``pipeline.default_fit_steps``; ``FIT_STEPS`` where it runs none). No change while nothing
-    is picked."""
-    from flexigpt.pipeline import default_fit_steps
+    """The recover panel's objective, data, note, fit steps, learning rate and gate multiplier follow the
+    picked build's model: the chat recipe for a model with a chat template, the text recipe otherwise
+    (``pipeline.default_recovery`` and ``default_rates``), and the fit steps `build` runs for it
+    (``pipeline.default_fit_steps``; ``FIT_STEPS`` where it runs none). No change while nothing is picked."""
+    from flexigpt.pipeline import default_fit_steps, default_rates
 
     b = work(session_key(request)).builds.get(name) if name else None
     if b is None:
-        return gr.update(), gr.update(), gr.update(), gr.update()
+        return (gr.update(),) * 6
     chat = bool(getattr(b.tokenizer, "chat_template", None))
     objective, source = default_recipe(chat)
     fit = default_fit_steps(b.plan, chat) or FIT_STEPS
+    rates = default_rates(chat)
     return (gr.update(value=objective), gr.update(value=source), gr.update(value=recipe_note(chat)),
-            gr.update(value=min(fit, limits.current().fit_steps)))
+            gr.update(value=min(fit, limits.current().fit_steps)), gr.update(value=rates["lr"]),
+            gr.update(value=rates["gate_lr_scale"]))
 
 
 def default_recipe(chat_model: bool) -> tuple[str, str]:
@@ -229,7 +231,7 @@ def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_
     """Generator: train the build's adapters, yielding (loss figure, status, builds token) per step.
     ``objective`` (``lm``/``distill``/``mix``) and ``source`` (a ``SOURCES`` label) default to the
     recipe the app recommends for the model (``default_recipe``)."""
-    from flexigpt.pipeline import CHAT_LOSS, CHAT_SHARE, recover_model
+    from flexigpt.pipeline import CHAT_LOSS, CHAT_SHARE, default_rates, recover_model
     from flexigpt.recover import RecoverSpec
     from flexigpt.recovery_data import recovery_windows
 
@@ -259,7 +261,9 @@ def on_recover(name: str, steps: int, batch: int, seq_len: int, lr: float, data_
     if ref not in SOURCES.values():
         raise ValueError(f"recovery data must be one of {list(SOURCES)}, got {source!r}")
     ref = data_ref if ref == TEXT else ref
-    spec = RecoverSpec(steps=steps, lr=float(lr), batch_size=batch, seq_len=seq_len, objective=objective, **gates)
+    # the rate the panel does not show (the logit KL's weight) is the model's recipe's, as in `build`
+    spec = RecoverSpec(steps=steps, lr=float(lr), batch_size=batch, seq_len=seq_len, objective=objective,
+                       kd_weight=default_rates(chat)["kd_weight"], **gates)
     context = getattr(b.model.config, "max_position_embeddings", None) or None
     if ref != data_ref:
         yield figures.loss_curve(b.steps, b.losses, name), ("Preparing the chat data (the original model's own "
@@ -377,10 +381,10 @@ def render(ctx) -> None:
                           elem_id="recover-steps")
         batch = gr.Number(batch0, label="batch (windows)", precision=None, minimum=1, maximum=limits.current().recover_batch, elem_id="recover-batch")
         seq_len = gr.Dropdown(list(SEQ_LENS), value=seq0, label="tokens per window", elem_id="recover-seq")
-        lr = gr.Number(RecoverSpec().lr, label="learning rate", elem_id="recover-lr")
+        lr = gr.Number(CHAT_RATES_0["lr"], label="learning rate", elem_id="recover-lr")
     with gr.Accordion("advanced", open=False):
         with gr.Row():
-            gate_lr = gr.Number(DEFAULT_GATE_LR_SCALE, label="gate learning-rate multiplier (output-norm scales, "
+            gate_lr = gr.Number(CHAT_RATES_0["gate_lr_scale"], label="gate learning-rate multiplier (output-norm scales, "
                                 "norms, biases; no weight decay)", minimum=0.01, maximum=1000, elem_id="recover-gate-lr")
             objective0, source0 = default_recipe(True)
             objective = gr.Dropdown(list(OBJECTIVES), value=objective0, elem_id="recover-objective",
@@ -401,7 +405,7 @@ def render(ctx) -> None:
     data = ctx["data_ref"]
     build.click(on_build, [ctx.plan, data, also_drop, ctx.builds_token], [status, name, ctx.builds_token],
                 api_name="build", **heavy())
-    name.change(on_pick_build, [name], [objective, source, note, fit_steps], queue=False, show_progress="hidden",
+    name.change(on_pick_build, [name], [objective, source, note, fit_steps, lr, gate_lr], queue=False, show_progress="hidden",
                 api_visibility="private")
     fit_btn.click(on_fit, [name, fit_steps, data], [fit_plot, fit_status], api_name="fit_slots", **heavy())
     recover_btn.click(recover_view, [name, steps, batch, seq_len, lr, data, ctx.builds_token, gate_lr, objective, source],

@@ -16,12 +16,26 @@ HELP = ("build a plan (any registered method: FlexiGPT, drop, extend, FoldGPT, .
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # the spec module is light (no torch): flags come from the RecoverSpec fields
-    from flexigpt.recover_spec import add_arguments as add_recover_arguments, add_data_arguments
+    from flexigpt.recover_spec import RATE_FIELDS, add_data_arguments, default_rates
+    from flexigpt.recover_spec import add_arguments as add_recover_arguments
 
     p.add_argument("--plan", required=True, help="plan.json written by `plan` (or downloaded from the app)")
     p.add_argument("--out", required=True, help="export folder (compact; the merged export goes to OUT-merged)")
-    add_recover_arguments(p, defaults={"steps": 0, "checkpoint_every": 50, "objective": None},
+    rates = {f: (default_rates(False)[f], default_rates(True)[f]) for f in RATE_FIELDS}
+
+    def by_model(field: str, what: str) -> str:  # the help of a flag whose default the model's recipe sets
+        text, chat = rates[field]
+        return (f"{what} (default: the measured best recipe for the model, flexigpt.pipeline.default_rates: "
+                + (f"{text:g}" if text == chat else f"{text:g} without a chat template, else {chat:g}") + ")")
+
+    add_recover_arguments(p, defaults={"steps": 0, "checkpoint_every": 50, "objective": None,
+                                       **{f: None for f in RATE_FIELDS}},
                           help_overrides={"steps": "recovery steps (0 = build and export only)",
+                                          "lr": by_model("lr", "peak learning rate of the adapter matrices"),
+                                          "gate_lr_scale": by_model("gate_lr_scale", "learning-rate multiplier (and "
+                                                                    "no weight decay) for output-norm scales, norms "
+                                                                    "and biases"),
+                                          "kd_weight": by_model("kd_weight", "weight of the logit distillation term"),
                                           "seq_len": "tokens per window (training and evaluation)",
                                           "objective": "lm (next-token loss), distill (match the original's "
                                                        "predictions) or mix (default: the measured best recipe "
@@ -50,7 +64,7 @@ def _distributed() -> bool:
 
 def run(args: argparse.Namespace) -> dict | None:
     # torch-heavy: loaded only when the command runs, so `--help` stays fast
-    from flexigpt.pipeline import RunOptions, check_fit_steps
+    from flexigpt.pipeline import RATE_FIELDS, RunOptions, check_fit_steps
     from flexigpt.pipeline import run as run_pipeline
     from flexigpt.plan import Plan
     from flexigpt.recover_spec import from_args
@@ -73,16 +87,20 @@ def run(args: argparse.Namespace) -> dict | None:
                      objective=args.objective or "lm") if args.steps > 0 else None
     base = tokenizer = None
     train_data = args.train_data
-    if spec is not None and (args.objective is None or train_data is None):
+    if spec is not None and (args.objective is None or train_data is None
+                             or any(getattr(args, f) is None for f in RATE_FIELDS)):
         # the model decides the default recipe (chat template or not): load it once, here
         from flexigpt.models import load_model
-        from flexigpt.pipeline import default_recovery
+        from flexigpt.pipeline import default_rates, default_recovery
         from flexigpt.recovery_data import has_chat_template
 
         loaded = load_model(plan.base_model)
         base, tokenizer = loaded.model, loaded.tokenizer
-        objective, data = default_recovery(has_chat_template(tokenizer))
-        spec = from_args(args, checkpoint_every=max(0, args.checkpoint_every), objective=args.objective or objective)
+        chat = has_chat_template(tokenizer)
+        objective, data = default_recovery(chat)
+        rates = {k: v for k, v in default_rates(chat).items() if getattr(args, k) is None}
+        spec = from_args(args, checkpoint_every=max(0, args.checkpoint_every), objective=args.objective or objective,
+                         **rates)
         train_data = train_data or data
     options = RunOptions(out=args.out, data=args.data, train_data=train_data, train_windows=args.train_windows,
                          eval_windows=args.eval_windows, seq_len=args.seq_len, merged=args.merged,
