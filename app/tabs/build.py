@@ -45,7 +45,8 @@ def recipe_note(chat_model: bool = True) -> str:
     if not chat_model:
         return (f"Default for a model without a chat template: **{what}** on **{source}**: on the text it ended "
                 "below the plain drop + LoRA at a matched budget in-domain and on another text (bench/RESULTS.md, "
-                "17.94 / 126.79 against 19.48 / 134.37, with 200 fit steps per slot first, as `build` runs them: "
+                "15.96 / 126.49 against 16.41 / 136.23 at lr 2e-3 and KL weight 1, the text recipe's rates, with 200 fit "
+                "steps per slot first, as `build` runs them: "
                 "press *Fit slots* before *Recover*).")
     return (f"Default: **{what}** on **{source}**: among the recipes we measured (bench/RESULTS.md) it answers "
             "the most chat questions (3.3x as many as training on the text alone: 20 of 73 against 6) while held-out perplexity "
