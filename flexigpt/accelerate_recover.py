@@ -180,8 +180,7 @@ def run(args: argparse.Namespace) -> dict | None:
     base, tok = loaded.model, loaded.tokenizer
     chat = has_chat_template(tok)
     objective, data = default_recovery(chat)
-    spec = from_args(args, objective=args.objective or objective,
-                     **{k: v for k, v in default_rates(chat).items() if getattr(args, k) is None})
+    spec = from_args(args, recipe=default_rates(chat), objective=args.objective or objective)
     train_ref = args.train_data or data or args.data
     context = getattr(base.config, "max_position_embeddings", None)
     # before any adapter touches the base: chat data are the original model's own replies. The main

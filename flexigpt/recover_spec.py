@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -211,12 +212,21 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                              "flexigpt.pipeline.CHAT_LOSS, the measured best)")
 
 
-def from_args(args: argparse.Namespace, **changes: Any) -> RecoverSpec:
-    """The ``RecoverSpec`` of the flags ``add_arguments`` added (fields not on ``args``, and flags
-    left at ``None``, which a caller's recipe decides, keep the spec's defaults); ``changes``
-    override. ``--clip 0`` means no clipping."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RecoverSpec)
-              if hasattr(args, f.name) and (getattr(args, f.name) is not None or f.name == "clip")}
+def from_args(args: argparse.Namespace, *, recipe: Mapping[str, Any] | None = None, **changes: Any) -> RecoverSpec:
+    """The ``RecoverSpec`` of the flags ``add_arguments`` added. A flag left at ``None`` takes its
+    value from ``recipe`` (the model's measured recipe, e.g. ``default_rates(chat)``) when it has
+    one, else the spec's default; fields not on ``args`` keep the spec's defaults. ``changes``
+    override everything. ``--clip 0`` means no clipping."""
+    recipe = recipe or {}
+    values = {}
+    for f in dataclasses.fields(RecoverSpec):
+        if not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        if value is not None or f.name == "clip":
+            values[f.name] = value
+        elif f.name in recipe:
+            values[f.name] = recipe[f.name]
     values.update(changes)
     if values.get("clip") == 0:
         values["clip"] = None

@@ -194,6 +194,22 @@ def test_spec_validation_names_the_value(kwargs, name):
         RecoverSpec(**kwargs)
 
 
+def test_from_args_fills_flags_left_unset_from_the_recipe():
+    import argparse
+
+    from flexigpt.recover_spec import RATE_FIELDS, TEXT_RATES, add_arguments, from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, defaults={f: None for f in RATE_FIELDS})  # as `build` adds them
+    args = parser.parse_args(["--lr", "3e-4"])
+    spec = from_args(args, recipe=TEXT_RATES)
+    assert spec.lr == 3e-4  # the user's flag wins over the recipe
+    assert spec.gate_lr_scale == TEXT_RATES["gate_lr_scale"] and spec.kd_weight == TEXT_RATES["kd_weight"]
+    plain = from_args(args)  # no recipe: the spec's own defaults
+    assert plain.gate_lr_scale == RecoverSpec().gate_lr_scale and plain.kd_weight == RecoverSpec().kd_weight
+    assert from_args(args, recipe=TEXT_RATES, kd_weight=0.25).kd_weight == 0.25  # changes override both
+
+
 def test_bad_inputs(tiny_model):
     with pytest.raises(ValueError, match="no trainable parameters"):
         list(recover(tiny_model.requires_grad_(False), _windows(), RecoverSpec(steps=1, seq_len=16)))

@@ -98,9 +98,8 @@ def run(args: argparse.Namespace) -> dict | None:
         base, tokenizer = loaded.model, loaded.tokenizer
         chat = has_chat_template(tokenizer)
         objective, data = default_recovery(chat)
-        rates = {k: v for k, v in default_rates(chat).items() if getattr(args, k) is None}
-        spec = from_args(args, checkpoint_every=max(0, args.checkpoint_every), objective=args.objective or objective,
-                         **rates)
+        spec = from_args(args, recipe=default_rates(chat), checkpoint_every=max(0, args.checkpoint_every),
+                         objective=args.objective or objective)
         train_data = train_data or data
     options = RunOptions(out=args.out, data=args.data, train_data=train_data, train_windows=args.train_windows,
                          eval_windows=args.eval_windows, seq_len=args.seq_len, merged=args.merged,
