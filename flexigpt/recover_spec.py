@@ -156,7 +156,7 @@ class RecoverSpec:
 # rates: at 2e-3 it answered 18 fidelity prompts of 73 with 4 looping replies, against 20 with 2.
 RATE_FIELDS = ("lr", "gate_lr_scale", "kd_weight")
 CHAT_RATES: dict[str, float] = {}
-TEXT_RATES: dict[str, float] = {"lr": 2e-3, "gate_lr_scale": 7.5, "kd_weight": 1.0}
+TEXT_RATES: dict[str, float] = {"lr": 2e-3, "gate_lr_scale": 15.0, "kd_weight": 0.5}
 
 
 def default_rates(chat_model: bool) -> dict[str, float]:
