@@ -120,7 +120,7 @@ def test_build_recovers_a_model_without_chat_template_with_the_text_recipe(_tiny
                  "--batch-size", "2", "--eval-windows", "1", "--data", str(tiny_text_file), "--checkpoint-every", "0",
                  "--lr", "3e-4", "--kd-weight", "0.75", "--json"]) == 0
     recovery = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["recovery"]
-    assert (recovery["lr"], recovery["kd_weight"], recovery["gate_lr_scale"]) == (3e-4, 0.5, TEXT_RATES["gate_lr_scale"])
+    assert (recovery["lr"], recovery["kd_weight"], recovery["gate_lr_scale"]) == (3e-4, 0.75, TEXT_RATES["gate_lr_scale"])
 
 
 def test_build_fits_the_slots_of_a_model_without_chat_template_by_default(_tiny_llama_base, tiny_tokenizer,
