@@ -62,7 +62,8 @@ __all__ = ["CHAT_LOSS", "CHAT_LOSSES", "CHAT_RATES", "CHAT_RECIPE", "CHAT_SHARE"
 # and the KL at twice the weight (RecoverSpec.kd_weight) the text recipe gives 18.33 / 135.83, and with
 # `plan`'s split of a text model's budget (flexigpt.plan.budget: r4 slots + kept-block LoRA r2) 17.94 /
 # 126.79, against drop + LoRA's 19.48 / 134.37 in the same bench run; at the text recipe's rates
-# (flexigpt.recover_spec.TEXT_RATES: lr 2e-3, KL weight 1) 15.96 / 126.49 against drop + LoRA's 16.41 / 136.23.
+# (flexigpt.recover_spec.TEXT_RATES: lr 2e-3, gate x15, KL weight 0.5) 15.52 / 132.90 against drop + LoRA's
+# 16.41 / 136.23 in the same bench run (0.85 of the drop -> original + LoRA gap).
 CHAT_RECIPE: tuple[str, str | None] = ("lm", "mixed")
 TEXT_RECIPE: tuple[str, str | None] = ("mix", None)
 CHAT_SHARE = 0.2  # share of chat windows in `mixed` recovery data when none is given

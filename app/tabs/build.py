@@ -43,10 +43,11 @@ def recipe_note(chat_model: bool = True) -> str:
     what = {"lm": "next-token loss", "distill": "distillation from the original model's predictions",
             "mix": "next-token loss plus distillation"}[objective]
     if not chat_model:
+        rates = default_rates(False)
         return (f"Default for a model without a chat template: **{what}** on **{source}**: on the text it ended "
                 "below the plain drop + LoRA at a matched budget in-domain and on another text (bench/RESULTS.md, "
-                "15.96 / 126.49 against 16.41 / 136.23 at lr 2e-3 and KL weight 1, the text recipe's rates, with 200 fit "
-                "steps per slot first, as `build` runs them: "
+                f"15.52 / 132.90 against 16.41 / 136.23 at lr {rates['lr']:g}, gate x{rates['gate_lr_scale']:g} and KL weight "
+                f"{rates['kd_weight']:g}, the text recipe's rates, with 200 fit steps per slot first, as `build` runs them: "
                 "press *Fit slots* before *Recover*).")
     return (f"Default: **{what}** on **{source}**: among the recipes we measured (bench/RESULTS.md) it answers "
             "the most chat questions (3.3x as many as training on the text alone: 20 of 73 against 6) while held-out perplexity "
