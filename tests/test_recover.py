@@ -197,17 +197,19 @@ def test_spec_validation_names_the_value(kwargs, name):
 def test_from_args_fills_flags_left_unset_from_the_recipe():
     import argparse
 
-    from flexigpt.recover_spec import RATE_FIELDS, TEXT_RATES, add_arguments, from_args
+    from flexigpt.recover_spec import RATE_FIELDS, add_arguments, from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser, defaults={f: None for f in RATE_FIELDS})  # as `build` adds them
     args = parser.parse_args(["--lr", "3e-4"])
-    spec = from_args(args, recipe=TEXT_RATES)
+    recipe = {"lr": 7e-3, "gate_lr_scale": 3.0, "kd_weight": 0.25}  # unlike RecoverSpec's defaults
+    assert all(getattr(RecoverSpec(), k) != v for k, v in recipe.items())
+    spec = from_args(args, recipe=recipe)
     assert spec.lr == 3e-4  # the user's flag wins over the recipe
-    assert spec.gate_lr_scale == TEXT_RATES["gate_lr_scale"] and spec.kd_weight == TEXT_RATES["kd_weight"]
+    assert (spec.gate_lr_scale, spec.kd_weight) == (3.0, 0.25)  # flags left unset take the recipe
     plain = from_args(args)  # no recipe: the spec's own defaults
-    assert plain.gate_lr_scale == RecoverSpec().gate_lr_scale and plain.kd_weight == RecoverSpec().kd_weight
-    assert from_args(args, recipe=TEXT_RATES, kd_weight=0.25).kd_weight == 0.25  # changes override both
+    assert (plain.gate_lr_scale, plain.kd_weight) == (RecoverSpec().gate_lr_scale, RecoverSpec().kd_weight)
+    assert from_args(args, recipe=recipe, kd_weight=0.125).kd_weight == 0.125  # changes override both
 
 
 def test_bad_inputs(tiny_model):
