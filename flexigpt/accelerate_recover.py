@@ -67,7 +67,7 @@ import torch.nn as nn
 from flexigpt.adapters import inject_lora, lora_factor_modules, matrix_ranks, valid_targets
 from flexigpt.arch import arch_of, get_blocks
 from flexigpt.recover import recover, save_trainable, trainable_state
-from flexigpt.recover_spec import RATE_FIELDS, add_arguments, add_data_arguments, from_args
+from flexigpt.recover_spec import RATE_FIELDS, add_arguments, add_data_arguments, from_args, rate_flags_help
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the frozen weights (trainable tensors are always fp32); bfloat16 halves GPU memory")
     p.add_argument("-v", "--verbose", action="store_true")
-    as_build = " (default: as `build`, the measured best recipe for the model, flexigpt.pipeline.default_{})"
     add_arguments(p, defaults={"objective": None, **{f: None for f in RATE_FIELDS}},
-                  help_overrides={"objective": "lm, distill or mix" + as_build.format("recovery"),
-                                  "lr": "peak learning rate of the adapter matrices" + as_build.format("rates"),
-                                  "gate_lr_scale": "learning-rate multiplier (and no weight decay) for output-norm "
-                                                   "scales, norms and biases" + as_build.format("rates"),
-                                  "kd_weight": "weight of the logit distillation term" + as_build.format("rates")})
+                  help_overrides={"objective": "lm, distill or mix (default: as `build`, the measured best recipe for "
+                                               "the model, flexigpt.pipeline.default_recovery)", **rate_flags_help()})
     return p
 
 

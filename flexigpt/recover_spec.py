@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = ["CHAT_RATES", "HIDDEN_LAYERS", "OBJECTIVES", "RATE_FIELDS", "TEXT_RATES", "RecoverSpec", "add_arguments",
-           "default_rates", "from_args"]
+           "default_rates", "from_args", "rate_flags_help"]
 
 OBJECTIVES = ("lm", "distill", "mix")
 HIDDEN_LAYERS = ("last", "all")
@@ -166,6 +166,18 @@ def default_rates(chat_model: bool) -> dict[str, float]:
     the user names none: ``TEXT_RATES`` or ``CHAT_RATES`` over RecoverSpec's defaults."""
     spec = RecoverSpec()
     return {**{f: getattr(spec, f) for f in RATE_FIELDS}, **(CHAT_RATES if chat_model else TEXT_RATES)}
+
+
+def rate_flags_help() -> dict[str, str]:
+    """Help text of the ``RATE_FIELDS`` flags of a command that leaves them at ``None`` for the
+    model's recipe to decide (``build``, the accelerate entry): each field's own help, plus both
+    recipes' values (``add_arguments(..., help_overrides=rate_flags_help())``)."""
+    text, chat = default_rates(False), default_rates(True)
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(RecoverSpec)}
+    return {name: f"{helps[name]} (default: the measured best recipe for the model, flexigpt.pipeline.default_rates: "
+                  + (f"{text[name]:g}" if text[name] == chat[name]
+                     else f"{text[name]:g} without a chat template, else {chat[name]:g}") + ")"
+            for name in RATE_FIELDS}
 
 
 _TYPES = {"steps": int, "batch_size": int, "grad_accum": int, "seq_len": int, "seed": int, "checkpoint_every": int,

@@ -16,26 +16,14 @@ HELP = ("build a plan (any registered method: FlexiGPT, drop, extend, FoldGPT, .
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # the spec module is light (no torch): flags come from the RecoverSpec fields
-    from flexigpt.recover_spec import RATE_FIELDS, add_data_arguments, default_rates
+    from flexigpt.recover_spec import RATE_FIELDS, add_data_arguments, rate_flags_help
     from flexigpt.recover_spec import add_arguments as add_recover_arguments
 
     p.add_argument("--plan", required=True, help="plan.json written by `plan` (or downloaded from the app)")
     p.add_argument("--out", required=True, help="export folder (compact; the merged export goes to OUT-merged)")
-    rates = {f: (default_rates(False)[f], default_rates(True)[f]) for f in RATE_FIELDS}
-
-    def by_model(field: str, what: str) -> str:  # the help of a flag whose default the model's recipe sets
-        text, chat = rates[field]
-        return (f"{what} (default: the measured best recipe for the model, flexigpt.pipeline.default_rates: "
-                + (f"{text:g}" if text == chat else f"{text:g} without a chat template, else {chat:g}") + ")")
-
     add_recover_arguments(p, defaults={"steps": 0, "checkpoint_every": 50, "objective": None,
                                        **{f: None for f in RATE_FIELDS}},
-                          help_overrides={"steps": "recovery steps (0 = build and export only)",
-                                          "lr": by_model("lr", "peak learning rate of the adapter matrices"),
-                                          "gate_lr_scale": by_model("gate_lr_scale", "learning-rate multiplier (and "
-                                                                    "no weight decay) for output-norm scales, norms "
-                                                                    "and biases"),
-                                          "kd_weight": by_model("kd_weight", "weight of the logit distillation term"),
+                          help_overrides={"steps": "recovery steps (0 = build and export only)", **rate_flags_help(),
                                           "seq_len": "tokens per window (training and evaluation)",
                                           "objective": "lm (next-token loss), distill (match the original's "
                                                        "predictions) or mix (default: the measured best recipe "
